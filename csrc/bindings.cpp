@@ -1,0 +1,183 @@
+// pybind11 module fastdistill._C: the torch-independent compiled core.
+// Python passes raw data pointers as integers (tensor.data_ptr()), sizes, row strides in
+// elements, a dtype code and a thread count; it owns validation and allocation.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu/kernels.h"
+
+namespace py = pybind11;
+using namespace fastdistill;
+
+namespace {
+
+struct Variant {
+  const char* name;
+  void (*fused_logits)(const FusedLogitsArgs&);
+  void (*cosine)(const CosineArgs&);
+  bool (*all_finite)(const void*, int64_t, int, int);
+};
+
+const Variant kBaseline{"baseline", baseline::fused_logits, baseline::cosine, baseline::all_finite};
+#if FD_HAVE_X86_VARIANTS
+const Variant kAvx2{"avx2", avx2::fused_logits, avx2::cosine, avx2::all_finite};
+const Variant kAvx512{"avx512", avx512::fused_logits, avx512::cosine, avx512::all_finite};
+#endif
+
+std::vector<const Variant*> supported_variants() {
+  std::vector<const Variant*> v{&kBaseline};
+#if FD_HAVE_X86_VARIANTS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    v.push_back(&kAvx2);
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    v.push_back(&kAvx512);
+#endif
+  return v;
+}
+
+const Variant* g_variant = nullptr;
+
+const Variant& variant() {
+  if (!g_variant) g_variant = supported_variants().back();  // the widest this CPU runs
+  return *g_variant;
+}
+
+template <typename T>
+const T* ptr(std::uintptr_t p) {
+  return reinterpret_cast<const T*>(p);
+}
+template <typename T>
+T* mut_ptr(std::uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+// Runs a kernel without the GIL and turns its input errors into ValueError.
+template <typename F>
+void call_kernel(F&& f) {
+  try {
+    py::gil_scoped_release release;
+    f();
+  } catch (const KernelInputError& e) {
+    std::string msg = std::string("invalid ") + e.what;
+    if (e.index >= 0)
+      msg += ": element " + std::to_string(e.index) + " has value " + std::to_string(e.value) +
+             ", outside [0, number of classes) and not equal to ignore_index";
+    else
+      msg += " (code " + std::to_string(e.value) + ")";
+    throw py::value_error(msg);
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastdistill compiled core (torch-independent CPU kernels)";
+
+  m.def("isa", [] { return std::string(variant().name); },
+        "Name of the CPU instruction-set variant in use.");
+  m.def("supported_isas", [] {
+    std::vector<std::string> names;
+    for (const Variant* v : supported_variants()) names.emplace_back(v->name);
+    return names;
+  }, "Variants this CPU can run, narrowest first.");
+  m.def("set_isa", [](const std::string& name) {
+    for (const Variant* v : supported_variants()) {
+      if (name == v->name) {
+        g_variant = v;
+        return;
+      }
+    }
+    throw py::value_error("CPU variant '" + name + "' is not built or not supported by this CPU");
+  }, py::arg("name"), "Force a CPU variant (for tests and benchmarks).");
+  m.def("built_with_cuda", [] { return bool(FD_BUILT_CUDA); });
+
+  m.def(
+      "fused_logits",
+      [](std::uintptr_t student, int64_t student_row_stride, std::uintptr_t teacher,
+         int64_t teacher_row_stride, std::uintptr_t labels, std::uintptr_t mask, int64_t rows,
+         int64_t cols, int dtype, float temperature, int64_t ignore_index, bool use_kl,
+         bool use_ce, bool use_mse, float w_kl, float w_ce, float w_mse, int norm_kl,
+         int norm_ce, int norm_mse, std::uintptr_t row_kl, std::uintptr_t row_ce,
+         std::uintptr_t row_mse, std::uintptr_t out, std::uintptr_t grad, int num_threads) {
+        FusedLogitsArgs a;
+        a.student = ptr<void>(student);
+        a.student_row_stride = student_row_stride;
+        a.teacher = ptr<void>(teacher);
+        a.teacher_row_stride = teacher_row_stride;
+        a.labels = ptr<int64_t>(labels);
+        a.mask = ptr<uint8_t>(mask);
+        a.rows = rows;
+        a.cols = cols;
+        a.dtype = dtype;
+        a.temperature = temperature;
+        a.ignore_index = ignore_index;
+        a.use_kl = use_kl;
+        a.use_ce = use_ce;
+        a.use_mse = use_mse;
+        a.w_kl = w_kl;
+        a.w_ce = w_ce;
+        a.w_mse = w_mse;
+        a.norm_kl = norm_kl;
+        a.norm_ce = norm_ce;
+        a.norm_mse = norm_mse;
+        a.row_kl = mut_ptr<float>(row_kl);
+        a.row_ce = mut_ptr<float>(row_ce);
+        a.row_mse = mut_ptr<float>(row_mse);
+        a.out = mut_ptr<float>(out);
+        a.grad = mut_ptr<void>(grad);
+        a.num_threads = num_threads > 0 ? num_threads : 1;
+        call_kernel([&] { variant().fused_logits(a); });
+      },
+      py::arg("student"), py::arg("student_row_stride"), py::arg("teacher"),
+      py::arg("teacher_row_stride"), py::arg("labels"), py::arg("mask"), py::arg("rows"),
+      py::arg("cols"), py::arg("dtype"), py::arg("temperature"), py::arg("ignore_index"),
+      py::arg("use_kl"), py::arg("use_ce"), py::arg("use_mse"), py::arg("w_kl"),
+      py::arg("w_ce"), py::arg("w_mse"), py::arg("norm_kl"), py::arg("norm_ce"),
+      py::arg("norm_mse"), py::arg("row_kl"), py::arg("row_ce"), py::arg("row_mse"),
+      py::arg("out"), py::arg("grad"), py::arg("num_threads"));
+
+  m.def(
+      "cosine",
+      [](std::uintptr_t student, int64_t student_row_stride, std::uintptr_t teacher,
+         int64_t teacher_row_stride, std::uintptr_t mask, int64_t rows, int64_t cols, int dtype,
+         int norm, std::uintptr_t row_loss, std::uintptr_t out, std::uintptr_t grad,
+         int num_threads) {
+        CosineArgs a;
+        a.student = ptr<void>(student);
+        a.student_row_stride = student_row_stride;
+        a.teacher = ptr<void>(teacher);
+        a.teacher_row_stride = teacher_row_stride;
+        a.mask = ptr<uint8_t>(mask);
+        a.rows = rows;
+        a.cols = cols;
+        a.dtype = dtype;
+        a.norm = norm;
+        a.row_loss = mut_ptr<float>(row_loss);
+        a.out = mut_ptr<float>(out);
+        a.grad = mut_ptr<void>(grad);
+        a.num_threads = num_threads > 0 ? num_threads : 1;
+        call_kernel([&] { variant().cosine(a); });
+      },
+      py::arg("student"), py::arg("student_row_stride"), py::arg("teacher"),
+      py::arg("teacher_row_stride"), py::arg("mask"), py::arg("rows"), py::arg("cols"),
+      py::arg("dtype"), py::arg("norm"), py::arg("row_loss"), py::arg("out"), py::arg("grad"),
+      py::arg("num_threads"));
+
+  m.def(
+      "all_finite",
+      [](std::uintptr_t data, int64_t numel, int dtype, int num_threads) {
+        bool ok = true;
+        call_kernel([&] { ok = variant().all_finite(ptr<void>(data), numel, dtype,
+                                                    num_threads > 0 ? num_threads : 1); });
+        return ok;
+      },
+      py::arg("data"), py::arg("numel"), py::arg("dtype"), py::arg("num_threads"));
+}

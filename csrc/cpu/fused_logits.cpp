@@ -1,0 +1,269 @@
+// CPU kernel for the logits losses: KL at temperature T (x T^2), hard cross-entropy and logit MSE,
+// any subset of them in one pass over each (student, teacher) row pair. kl_div_loss, cross_entropy,
+// mse_loss and distillation_loss are all this kernel with different terms switched on.
+//
+// Per row: pass 1 finds the maxima, pass 2 accumulates the softmax normalisers and the KL/MSE sums,
+// pass 3 writes the gradient. Only pass 1 reads the row from DRAM; a row pair of V <= 128k fp32
+// stays in L2 for passes 2 and 3. Rows are spread over OpenMP threads; each inner loop is an
+// `omp simd` loop whose body (fd_exp, loads, stores) the compiler vectorises for the ISA variant.
+#include <omp.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cpu/simd_math.h"
+
+namespace fastdistill {
+namespace FD_ISA {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+struct RowResult {
+  float kl = 0.0f, ce = 0.0f, mse = 0.0f;
+};
+
+// Gradient weights of one row: d(total)/d(term) / normaliser, already folded with T for KL.
+struct RowWeights {
+  float kl, ce, mse;
+};
+
+template <typename T>
+void fill_row(T* g, int64_t n, float v) {
+  if (v == 0.0f) {
+    std::memset(static_cast<void*>(g), 0, sizeof(T) * n);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) store(g, j, v);
+}
+
+// Max of a row plus a flag for NaN; +inf shows up as a non-finite max.
+template <typename T>
+inline float row_max(const T* x, int64_t n, bool& has_nan) {
+  float m = -kInf;
+  int nan_count = 0;
+#pragma omp simd reduction(max : m) reduction(+ : nan_count)
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = load(x, j);
+    m = v > m ? v : m;
+    nan_count += (v != v);
+  }
+  has_nan = nan_count != 0;
+  return m;
+}
+
+// One row with the terms KL/CE/MSE switched on at compile time. Returns the unnormalised row
+// values and, if g != nullptr, writes w.kl*T*(p_s - p_t) + w.ce*(p1 - onehot) + w.mse*2*(s - t)
+// (the 2 is folded into w.mse by the caller).
+template <typename T, bool KL, bool CE, bool MSE>
+RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t label,
+                      RowWeights w, T* g) {
+  RowResult res;
+  const float inv_t = 1.0f / temp;
+  float ms = 0.0f, mt = 0.0f;
+  if constexpr (KL || CE) {
+    bool nan_s = false, nan_t = false;
+    ms = row_max(s, V, nan_s);
+    bool bad = nan_s || !is_finite(ms);
+    if constexpr (KL) {
+      mt = row_max(t, V, nan_t);
+      bad = bad || nan_t || !is_finite(mt);
+    }
+    if (bad) {
+      // NaN/+inf in a row, or a row that is entirely -inf: the softmax is undefined there.
+      // Propagate NaN (the reference gives NaN too) instead of hiding it.
+      if (KL) res.kl = kNaN;
+      if (CE) res.ce = kNaN;
+      if (MSE) res.mse = kNaN;
+      if (g) fill_row(g, V, kNaN);
+      return res;
+    }
+  }
+
+  // The CE softmax is at temperature 1; with T == 1 it is the KL student softmax.
+  const bool share = KL && CE && temp == 1.0f;
+  float zs = 0.0f, zt = 0.0f, cross = 0.0f, z1 = 0.0f, sq = 0.0f;
+#pragma omp simd reduction(+ : zs, zt, cross, z1, sq)
+  for (int64_t j = 0; j < V; ++j) {
+    const float x = load(s, j);
+    float y = 0.0f;
+    if constexpr (KL || MSE) y = load(t, j);
+    if constexpr (KL) {
+      const float es = fd_exp((x - ms) * inv_t);
+      const float et = fd_exp((y - mt) * inv_t);
+      zs += es;
+      zt += et;
+      // p_t = 0 contributes 0 even where s = -inf (0 * inf would be NaN).
+      cross += et > 0.0f ? et * (y - x) : 0.0f;
+    }
+    if constexpr (CE) {
+      if (!share) z1 += fd_exp(x - ms);
+    }
+    if constexpr (MSE) {
+      const float d = x - y;
+      sq += d * d;
+    }
+  }
+  if (share) z1 = zs;
+
+  // Scalars per row in double: cheap, and keeps the lse differences exact enough for 1e-5.
+  const double log_zs = std::log(static_cast<double>(zs));
+  const double log_zt = std::log(static_cast<double>(zt));
+  const double log_z1 = std::log(static_cast<double>(z1));
+  if constexpr (KL) {
+    // KL = sum p_t (t - s)/T - lse(t/T) + lse(s/T), with lse(x/T) = max/T + log z.
+    const double kl = static_cast<double>(cross) * inv_t / zt -
+                      (static_cast<double>(mt) * inv_t + log_zt) +
+                      (static_cast<double>(ms) * inv_t + log_zs);
+    res.kl = static_cast<float>(kl * temp * temp);
+  }
+  if constexpr (CE) {
+    res.ce = static_cast<float>(static_cast<double>(ms) + log_z1 - load(s, label));
+  }
+  if constexpr (MSE) res.mse = sq;
+
+  if (!g) return res;
+  const float lzs = static_cast<float>(log_zs);
+  const float lzt = static_cast<float>(log_zt);
+  const float lz1 = static_cast<float>(log_z1);
+  const float wkl = w.kl, wce = w.ce, wmse = w.mse;
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) {
+    const float x = load(s, j);
+    float y = 0.0f;
+    if constexpr (KL || MSE) y = load(t, j);
+    float gv = 0.0f;
+    float ps = 0.0f;
+    if constexpr (KL) {
+      ps = fd_exp((x - ms) * inv_t - lzs);
+      const float pt = fd_exp((y - mt) * inv_t - lzt);
+      gv += wkl * (ps - pt);
+    }
+    if constexpr (CE) {
+      const float p1 = share ? ps : fd_exp(x - ms - lz1);
+      gv += wce * (p1 - (j == label ? 1.0f : 0.0f));
+    }
+    if constexpr (MSE) gv += wmse * (x - y);
+    store(g, j, gv);
+  }
+  return res;
+}
+
+double divisor(int norm, int64_t count, int64_t cols) {
+  const double c = static_cast<double>(count > 0 ? count : 1);
+  if (norm == kNormSum) return 1.0;
+  if (norm == kNormRows) return c;
+  return c * static_cast<double>(cols);
+}
+
+template <typename T, bool KL, bool CE, bool MSE>
+void run(const FusedLogitsArgs& a) {
+  const int64_t N = a.rows, V = a.cols;
+  const T* S = static_cast<const T*>(a.student);
+  const T* Tch = static_cast<const T*>(a.teacher);
+  T* G = static_cast<T*>(a.grad);
+
+  // Counts and label validation: O(rows), sequential, before any thread starts.
+  int64_t n_sel = 0, n_lab = 0;
+  for (int64_t i = 0; i < N; ++i) n_sel += a.mask ? (a.mask[i] != 0) : 1;
+  if (CE) {
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t lab = a.labels[i];
+      if (lab == a.ignore_index) continue;
+      if (lab < 0 || lab >= V) throw KernelInputError{"labels", i, lab};
+      ++n_lab;
+    }
+  }
+  const double d_kl = divisor(a.norm_kl, n_sel, V);
+  const double d_ce = divisor(a.norm_ce, n_lab, V);
+  const double d_mse = divisor(a.norm_mse, n_sel, V);
+  const float temp = a.temperature;
+  // d(T^2 KL)/ds = T (p_s - p_t); d(sum (s-t)^2)/ds = 2 (s - t).
+  const RowWeights full{static_cast<float>(a.w_kl * temp / d_kl),
+                        static_cast<float>(a.w_ce / d_ce),
+                        static_cast<float>(2.0 * a.w_mse / d_mse)};
+
+  std::vector<RowResult> rows(static_cast<size_t>(N));
+#pragma omp parallel for schedule(static) num_threads(a.num_threads)
+  for (int64_t r = 0; r < N; ++r) {
+    const T* s = S + r * a.student_row_stride;
+    const T* t = Tch ? Tch + r * a.teacher_row_stride : nullptr;
+    T* g = G ? G + r * V : nullptr;
+    const bool sel = a.mask ? a.mask[r] != 0 : true;
+    const int64_t label = CE ? a.labels[r] : a.ignore_index;
+    const bool kl = KL && sel, mse = MSE && sel, ce = CE && label != a.ignore_index;
+    const RowWeights w = full;
+    // Runtime row flags -> compile-time row function; only subsets of the op's terms occur.
+    const int key = (kl ? 4 : 0) | (ce ? 2 : 0) | (mse ? 1 : 0);
+    RowResult res;
+    switch (key) {
+      case 7: res = process_row<T, true, true, true>(s, t, V, temp, label, w, g); break;
+      case 6: res = process_row<T, true, true, false>(s, t, V, temp, label, w, g); break;
+      case 5: res = process_row<T, true, false, true>(s, t, V, temp, label, w, g); break;
+      case 4: res = process_row<T, true, false, false>(s, t, V, temp, label, w, g); break;
+      case 3: res = process_row<T, false, true, true>(s, t, V, temp, label, w, g); break;
+      case 2: res = process_row<T, false, true, false>(s, t, V, temp, label, w, g); break;
+      case 1: res = process_row<T, false, false, true>(s, t, V, temp, label, w, g); break;
+      default:
+        if (g) fill_row(g, V, 0.0f);
+        break;
+    }
+    rows[static_cast<size_t>(r)] = res;
+  }
+
+  // Deterministic reduction in row order, in double.
+  double s_kl = 0.0, s_ce = 0.0, s_mse = 0.0;
+  for (int64_t r = 0; r < N; ++r) {
+    const RowResult& res = rows[static_cast<size_t>(r)];
+    s_kl += res.kl;
+    s_ce += res.ce;
+    s_mse += res.mse;
+    if (a.row_kl) a.row_kl[r] = res.kl;
+    if (a.row_ce) a.row_ce[r] = res.ce;
+    if (a.row_mse) a.row_mse[r] = res.mse;
+  }
+  const double kl = KL ? s_kl / d_kl : 0.0;
+  const double ce = CE ? s_ce / d_ce : 0.0;
+  const double mse = MSE ? s_mse / d_mse : 0.0;
+  double total = 0.0;
+  if (KL) total += a.w_kl * kl;
+  if (CE) total += a.w_ce * ce;
+  if (MSE) total += a.w_mse * mse;
+  a.out[0] = static_cast<float>(total);
+  a.out[1] = static_cast<float>(kl);
+  a.out[2] = static_cast<float>(ce);
+  a.out[3] = static_cast<float>(mse);
+}
+
+template <typename T>
+void run_dtype(const FusedLogitsArgs& a) {
+  const int key = (a.use_kl ? 4 : 0) | (a.use_ce ? 2 : 0) | (a.use_mse ? 1 : 0);
+  switch (key) {
+    case 7: return run<T, true, true, true>(a);
+    case 6: return run<T, true, true, false>(a);
+    case 5: return run<T, true, false, true>(a);
+    case 4: return run<T, true, false, false>(a);
+    case 3: return run<T, false, true, true>(a);
+    case 2: return run<T, false, true, false>(a);
+    case 1: return run<T, false, false, true>(a);
+    default: throw KernelInputError{"terms (no loss term enabled)", -1, 0};
+  }
+}
+
+}  // namespace
+
+void fused_logits(const FusedLogitsArgs& a) {
+  switch (a.dtype) {
+    case kFloat32: return run_dtype<float>(a);
+    case kBFloat16: return run_dtype<BF16>(a);
+    case kFloat16: return run_dtype<F16>(a);
+    default: throw KernelInputError{"dtype", -1, a.dtype};
+  }
+}
+
+}  // namespace FD_ISA
+}  // namespace fastdistill

@@ -1,0 +1,84 @@
+// Argument structs and entry points of the CPU kernels. Torch-independent: Python validates
+// tensors and passes raw pointers, sizes and row strides (in elements). Each entry point is
+// compiled once per instruction-set variant into namespace fastdistill::<variant>
+// (see CMakeLists.txt); bindings.cpp chooses the variant at run time.
+#pragma once
+#include <cstdint>
+
+namespace fastdistill {
+
+// Normaliser of a loss term: what the sum over selected rows is divided by.
+enum Norm : int {
+  kNormSum = 0,        // "sum" and "none": divide by 1
+  kNormRows = 1,       // "batchmean" (and CE "mean"): divide by max(#selected rows, 1)
+  kNormRowsCols = 2,   // "mean": divide by max(#selected rows, 1) * cols (nn.KLDivLoss/MSELoss)
+};
+
+// One pass over student (and teacher) logits rows computing any subset of
+//   kl  = T^2 * KL(softmax(t/T) || softmax(s/T))   on rows selected by `mask`
+//   ce  = logsumexp(s) - s[label]                  on rows with label != ignore_index
+//   mse = sum_j (s_j - t_j)^2                      on rows selected by `mask`
+// their weighted, normalised sum, and (optionally) the gradient of that sum w.r.t. the student.
+struct FusedLogitsArgs {
+  const void* student = nullptr;
+  int64_t student_row_stride = 0;
+  const void* teacher = nullptr;  // needed by kl and mse
+  int64_t teacher_row_stride = 0;
+  const int64_t* labels = nullptr;  // needed by ce
+  const uint8_t* mask = nullptr;    // null: every row selected (for kl and mse)
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int dtype = 0;  // DType of student and teacher (and of grad)
+  float temperature = 1.0f;
+  int64_t ignore_index = -100;
+  bool use_kl = false, use_ce = false, use_mse = false;
+  float w_kl = 1.0f, w_ce = 1.0f, w_mse = 1.0f;
+  int norm_kl = kNormRows, norm_ce = kNormRows, norm_mse = kNormRows;
+  // Per-row unnormalised values (0 on unselected rows); each may be null.
+  float* row_kl = nullptr;
+  float* row_ce = nullptr;
+  float* row_mse = nullptr;
+  float* out = nullptr;  // [weighted total, kl, ce, mse], each normalised
+  void* grad = nullptr;  // null: no gradient; else contiguous rows x cols in `dtype`
+  int num_threads = 1;
+};
+
+// Cosine loss on hidden states: per selected row, 1 - <s,t> / sqrt((|s|^2+eps)(|t|^2+eps)),
+// eps = 1e-12 as in torch's cosine_embedding_loss.
+struct CosineArgs {
+  const void* student = nullptr;
+  int64_t student_row_stride = 0;
+  const void* teacher = nullptr;
+  int64_t teacher_row_stride = 0;
+  const uint8_t* mask = nullptr;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int dtype = 0;
+  int norm = kNormRows;  // kNormSum or kNormRows
+  float* row_loss = nullptr;  // may be null
+  float* out = nullptr;       // [normalised loss]
+  void* grad = nullptr;
+  int num_threads = 1;
+};
+
+// Validation failures inside a kernel (e.g. a label out of range) are reported with this
+// exception type; bindings.cpp turns it into Python's ValueError.
+struct KernelInputError {
+  const char* what;
+  int64_t index;
+  int64_t value;
+};
+
+#define FD_DECLARE_KERNELS(ns)                                                       \
+  namespace ns {                                                                     \
+  void fused_logits(const FusedLogitsArgs& a);                                       \
+  void cosine(const CosineArgs& a);                                                  \
+  /* dtype 3 = float64 as well; returns false if any element is NaN or +-inf. */     \
+  bool all_finite(const void* data, int64_t numel, int dtype, int num_threads);      \
+  }
+
+FD_DECLARE_KERNELS(baseline)
+FD_DECLARE_KERNELS(avx2)
+FD_DECLARE_KERNELS(avx512)
+
+}  // namespace fastdistill

@@ -1,0 +1,210 @@
+"""Pieces shared by the op files: input validation, row views, the reference fallback and the
+autograd rule for ops that compute their gradient during the forward pass."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from fastdistill import _native
+
+# ---- validation (DESIGN.md §5: bad input raises ValueError/TypeError naming the argument) -----
+
+
+def check_tensor(x: object, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_float_tensor(x: object, name: str) -> Tensor:
+    x = check_tensor(x, name)
+    if x.dtype not in _native.KERNEL_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; fastdistill losses take float32, bfloat16 or float16 "
+            f"(convert with {name}.float())"
+        )
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{name} must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_pair(student: object, teacher: object, s_name: str, t_name: str) -> tuple[Tensor, Tensor]:
+    """Student/teacher tensors of one shape, dtype and device."""
+    student = check_float_tensor(student, s_name)
+    teacher = check_float_tensor(teacher, t_name)
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"{s_name} has shape {tuple(student.shape)} but {t_name} has shape "
+            f"{tuple(teacher.shape)}; they must match"
+        )
+    if student.device != teacher.device:
+        raise ValueError(f"{s_name} is on {student.device} but {t_name} is on {teacher.device}")
+    if student.dtype != teacher.dtype:
+        raise TypeError(
+            f"{s_name} is {student.dtype} but {t_name} is {teacher.dtype}; pass both in one dtype "
+            f"(e.g. {t_name}.to({s_name}.dtype))"
+        )
+    return student, teacher
+
+
+def check_mask(mask: object, lead_shape: torch.Size, device: torch.device, name: str = "mask"):
+    """A bool (or integer 0/1, e.g. an attention mask) tensor of the logits' leading shape."""
+    if mask is None:
+        return None
+    mask = check_tensor(mask, name)
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise TypeError(
+            f"{name} must be bool (or an integer 0/1 tensor such as an attention mask), "
+            f"got {mask.dtype}"
+        )
+    if mask.shape != lead_shape:
+        raise ValueError(
+            f"{name} must have the leading shape of the inputs {tuple(lead_shape)}, got "
+            f"{tuple(mask.shape)}"
+        )
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but the inputs are on {device}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def check_labels(labels: object, lead_shape: torch.Size, device: torch.device) -> Tensor:
+    labels = check_tensor(labels, "labels")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of class indices, got {labels.dtype}")
+    if labels.shape != lead_shape:
+        raise ValueError(
+            f"labels must have the leading shape of the logits {tuple(lead_shape)}, got "
+            f"{tuple(labels.shape)}"
+        )
+    if labels.device != device:
+        raise ValueError(f"labels is on {labels.device} but the logits are on {device}")
+    return labels.long()
+
+
+def check_temperature(temperature: object) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    return temperature
+
+
+def check_weight(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def check_reduction(reduction: object, allowed: Sequence[str]) -> str:
+    if reduction not in allowed:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, allowed))}, got {reduction!r}")
+    return reduction  # type: ignore[return-value]
+
+
+def check_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def wants_grad(student: Tensor) -> bool:
+    """Whether the forward should produce the student gradient (only when autograd needs it)."""
+    return student.requires_grad and torch.is_grad_enabled()
+
+
+# ---- row views for the compiled core ----------------------------------------------------------
+
+
+def as_rows(x: Tensor) -> Tensor:
+    """``x`` as a 2-D ``(rows, C)`` tensor whose last dim has unit stride (a view when possible).
+
+    The kernels take a row stride, so padded or sliced rows are read in place; only layouts that
+    cannot be expressed with one row stride are copied.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[1] > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def flat_rows(x: Tensor | None, dtype: torch.dtype | None = None) -> Tensor | None:
+    """A 1-D contiguous per-row tensor (mask, labels), optionally converted."""
+    if x is None:
+        return None
+    x = x.reshape(-1)
+    if dtype is not None and x.dtype != dtype:
+        x = x.to(dtype)
+    return x.contiguous()
+
+
+def empty_grad(student: Tensor, compute_grad: bool) -> Tensor:
+    """Gradient buffer with the student's shape, or an empty placeholder when none is needed."""
+    if compute_grad:
+        return torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    return student.new_empty((0,))
+
+
+# ---- reference fallback inside an op (FASTDISTILL_BACKEND=torch or no kernel for the device) --
+
+
+def reference_value_and_grad(
+    fn: Callable[[Tensor], Tensor | tuple[Tensor, ...]], student: Tensor, compute_grad: bool
+) -> tuple[tuple[Tensor, ...], Tensor]:
+    """Run a reference loss on an fp32 copy of the student and return (outputs, d out[0]/d student).
+
+    The gradient is of ``out[0].sum()``: rows are independent, so for ``reduction="none"`` the
+    backward's per-row scaling gives the exact vector-Jacobian product.
+    """
+    with torch.enable_grad():
+        s = student.detach().float().requires_grad_(compute_grad)
+        out = fn(s)
+        outs = out if isinstance(out, tuple) else (out,)
+        outs = tuple(o.float() for o in outs)
+        if compute_grad:
+            (grad,) = torch.autograd.grad(outs[0].sum(), s)
+            grad = grad.to(student.dtype)
+        else:
+            grad = student.new_empty((0,))
+    return tuple(o.detach() for o in outs), grad
+
+
+# ---- autograd for ops that return (loss, ..., grad) ------------------------------------------
+
+
+def register_saved_grad_autograd(op, *, num_inputs: int) -> None:
+    """Autograd for an op whose LAST output is d(first output)/d(first input), computed in the
+    forward with an upstream gradient of 1. The backward scales it by the real upstream gradient.
+
+    The scaling is in place (no second logits-sized buffer, which is what keeps the peak memory at
+    one gradient). Autograd's version counter then makes a second backward through the same graph
+    (``retain_graph=True``) fail loudly instead of returning a twice-scaled gradient.
+    """
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output[-1])
+        ctx.loss_ndim = output[0].dim()
+
+    def backward(ctx, grad_loss, *_unused):
+        (grad,) = ctx.saved_tensors
+        if grad.numel() == 0 and grad_loss.numel() != 0:
+            raise RuntimeError(
+                "fastdistill: the forward ran without computing the student gradient "
+                "(student did not require grad or grad mode was off), so there is nothing to "
+                "backpropagate"
+            )
+        scale = grad_loss if ctx.loss_ndim == 0 else grad_loss.unsqueeze(-1)
+        if torch.compiler.is_compiling():
+            grad_student = grad * scale  # functional form for the traced backward graph
+        else:
+            grad_student = grad.mul_(scale)
+        return (grad_student,) + (None,) * (num_inputs - 1)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)

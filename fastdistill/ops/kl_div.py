@@ -1,0 +1,64 @@
+"""fastdistill::kl_div: T² · KL(softmax(t/T) ‖ softmax(s/T)) per row, reduced over masked rows.
+
+Direction: KL(teacher ‖ student) = Σ p_t (log p_t − log p_s), what
+``nn.KLDivLoss()(log_softmax(s/T), softmax(t/T))`` computes. Gradient (student only):
+d/ds [T² KL] = T (softmax(s/T) − softmax(t/T)) / normaliser, computed in the forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastdistill import reference
+from fastdistill.backend import select_backend
+from fastdistill.ops._common import empty_grad, reference_value_and_grad, register_saved_grad_autograd
+from fastdistill.ops._fused_logits import Terms, fused_logits_native, norm_code
+
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+@torch.library.custom_op("fastdistill::kl_div", mutates_args=())
+def kl_div(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None,
+    temperature: float,
+    reduction: str,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """Returns (loss in float32, d loss/d student_logits or an empty tensor)."""
+    backend = select_backend("kl_div", student_logits.device)
+    if backend == "torch":
+        (loss,), grad = reference_value_and_grad(
+            lambda s: reference.kl_div_loss(
+                s, teacher_logits.float(), temperature=temperature, mask=mask, reduction=reduction
+            ),
+            student_logits,
+            compute_grad,
+        )
+        return loss, grad
+    if backend == "native" and student_logits.device.type == "cpu":
+        res = fused_logits_native(
+            student_logits,
+            teacher_logits,
+            None,
+            mask,
+            terms=Terms(kl=True, norm_kl=norm_code(reduction)),
+            temperature=temperature,
+            want_rows=reduction == "none",
+            grad=empty_grad(student_logits, compute_grad),
+        )
+        loss = res.row_kl if reduction == "none" else res.out[1].clone()
+        return loss, res.grad
+    raise NotImplementedError(f"kl_div has no {backend} kernel for {student_logits.device.type}")
+
+
+@kl_div.register_fake
+def _(student_logits, teacher_logits, mask, temperature, reduction, compute_grad):
+    lead = student_logits.shape[:-1] if reduction == "none" else ()
+    loss = student_logits.new_empty(lead, dtype=torch.float32)
+    return loss, empty_grad(student_logits, compute_grad)
+
+
+register_saved_grad_autograd(kl_div, num_inputs=6)

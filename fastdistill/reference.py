@@ -1,0 +1,151 @@
+"""Plain-PyTorch meaning of every fastdistill op: the oracle for tests and benchmarks.
+
+Each function computes in the dtype it is given (tests pass float64 copies of the rounded inputs;
+the ``torch`` backend passes float32) and is written for clarity, not speed. Shapes: logits and
+hidden states are ``(*lead, C)``; ``mask`` and ``labels`` have shape ``lead``. The teacher never
+receives a gradient. The conventions shared by all ops:
+
+- ``mask`` (bool) selects rows; unselected rows contribute 0 and get zero gradient.
+- reductions over rows: ``sum``; ``batchmean`` = sum / max(#selected, 1); ``mean`` = sum /
+  (max(#selected, 1) * C) for kl/mse (as ``nn.KLDivLoss``/``nn.MSELoss``) and sum / max(#selected, 1)
+  for cosine and cross-entropy; ``none`` = per-row values with the leading shape, 0 where unselected.
+- an empty selection gives 0, never NaN (``nn.CrossEntropyLoss`` gives NaN there; we do not).
+- counts stay tensors: nothing here syncs with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# torch's cosine_embedding_loss adds this to both squared norms.
+COSINE_EPS = 1e-12
+
+
+def reduce_rows(row: Tensor, mask: Tensor | None, reduction: str, cols: int) -> Tensor:
+    """Apply a row reduction to per-row values ``row`` (shape ``lead``)."""
+    if mask is not None:
+        row = torch.where(mask, row, 0.0)
+        count = mask.sum()
+    else:
+        count = torch.tensor(row.numel(), device=row.device)
+    count = count.clamp(min=1).to(row.dtype)
+    if reduction == "none":
+        return row
+    if reduction == "sum":
+        return row.sum()
+    if reduction == "batchmean":
+        return row.sum() / count
+    if reduction == "mean":
+        return row.sum() / (count * cols)
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def kl_div_rows(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Per-row T² · KL(softmax(t/T) ‖ softmax(s/T)) = T² Σ_j p_t (log p_t − log p_s)."""
+    t = teacher_logits.detach()
+    log_ps = torch.log_softmax(student_logits / temperature, dim=-1)
+    log_pt = torch.log_softmax(t / temperature, dim=-1)
+    pt = log_pt.exp()
+    # 0 · log 0 = 0 where the teacher gives a token no mass, even where the student's is -inf
+    # (nn.KLDivLoss would produce NaN there).
+    elem = torch.where(pt > 0, pt * (log_pt - log_ps), 0.0)
+    return elem.sum(-1) * (temperature * temperature)
+
+
+def kl_div_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    reduction: str = "batchmean",
+) -> Tensor:
+    """T² · KL(teacher ‖ student) at temperature T, reduced over the selected rows."""
+    row = kl_div_rows(student_logits, teacher_logits, temperature)
+    return reduce_rows(row, mask, reduction, student_logits.shape[-1])
+
+
+def mse_rows(student: Tensor, teacher: Tensor) -> Tensor:
+    """Per-row Σ_j (s_j − t_j)²."""
+    return (student - teacher.detach()).square().sum(-1)
+
+
+def mse_loss(
+    student: Tensor, teacher: Tensor, *, mask: Tensor | None = None, reduction: str = "batchmean"
+) -> Tensor:
+    """Squared error summed over the last dim and the selected rows, then reduced."""
+    return reduce_rows(mse_rows(student, teacher), mask, reduction, student.shape[-1])
+
+
+def cosine_rows(student_hidden: Tensor, teacher_hidden: Tensor) -> Tensor:
+    """Per-row 1 − cos(s, t) with torch's cosine_embedding_loss epsilon handling."""
+    t = teacher_hidden.detach()
+    dot = (student_hidden * t).sum(-1)
+    ss = (student_hidden * student_hidden).sum(-1) + COSINE_EPS
+    tt = (t * t).sum(-1) + COSINE_EPS
+    return 1 - dot / torch.sqrt(ss * tt)
+
+
+def cosine_loss(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    *,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Mean (or sum/none) over selected rows of 1 − cos(s, t)."""
+    row = cosine_rows(student_hidden, teacher_hidden)
+    # For cosine "mean" is per row, like CosineEmbeddingLoss: the row count, not rows * C.
+    return reduce_rows(row, mask, "batchmean" if reduction == "mean" else reduction, 1)
+
+
+def cross_entropy_rows(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Per-row logsumexp(x) − x[label] (0 where ignored) and the selection mask."""
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0)
+    picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    row = torch.logsumexp(logits, dim=-1) - picked
+    return row, valid
+
+
+def cross_entropy(
+    logits: Tensor, labels: Tensor, *, ignore_index: int = -100, reduction: str = "mean"
+) -> Tensor:
+    """Hard-label cross-entropy; ``mean`` over non-ignored rows (0 when there are none)."""
+    row, valid = cross_entropy_rows(logits, labels, ignore_index)
+    return reduce_rows(row, valid, "batchmean" if reduction == "mean" else reduction, 1)
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    labels: Tensor | None = None,
+    mask: Tensor | None = None,
+    temperature: float = 2.0,
+    alpha_kl: float = 1.0,
+    alpha_ce: float = 0.0,
+    alpha_mse: float = 0.0,
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """alpha_kl · kl + alpha_ce · ce + alpha_mse · mse and the three (detached) components.
+
+    kl: ``kl_div_loss(batchmean)`` over rows selected by ``mask``; ce: ``cross_entropy(mean)`` over
+    rows with ``labels != ignore_index`` (0 without labels); mse: ``mse_loss(batchmean)`` over the
+    rows selected by ``mask`` (the seed's ``MSELoss(sum) / #rows``).
+    """
+    kl = kl_div_loss(student_logits, teacher_logits, temperature=temperature, mask=mask)
+    mse = mse_loss(student_logits, teacher_logits, mask=mask)
+    if labels is not None:
+        ce = cross_entropy(student_logits, labels, ignore_index=ignore_index)
+    else:
+        ce = torch.zeros((), dtype=kl.dtype, device=kl.device)
+    total = alpha_kl * kl + alpha_ce * ce + alpha_mse * mse
+    return total, kl.detach(), ce.detach(), mse.detach()
+
+
+def all_finite(*tensors: Tensor) -> Tensor:
+    """0-dim bool: no NaN or ±inf in any of the tensors."""
+    checks = [torch.isfinite(t).all() for t in tensors]
+    return torch.stack(checks).all()
