@@ -133,15 +133,24 @@ def distillation_loss(
 
     kl: ``kl_div_loss(batchmean)`` over rows selected by ``mask``; ce: ``cross_entropy(mean)`` over
     rows with ``labels != ignore_index`` (0 without labels); mse: ``mse_loss(batchmean)`` over the
-    rows selected by ``mask`` (the seed's ``MSELoss(sum) / #rows``).
+    rows selected by ``mask`` (the seed's ``MSELoss(sum) / #rows``). A term whose alpha is 0 is
+    not computed and its component is 0, so an unused MSE of ``-inf`` logits cannot poison the total.
     """
-    kl = kl_div_loss(student_logits, teacher_logits, temperature=temperature, mask=mask)
-    mse = mse_loss(student_logits, teacher_logits, mask=mask)
-    if labels is not None:
+    zero = torch.zeros((), dtype=torch.promote_types(student_logits.dtype, torch.float32),
+                       device=student_logits.device)
+    kl = ce = mse = zero
+    total = zero
+    if alpha_kl > 0:
+        kl = kl_div_loss(student_logits, teacher_logits, temperature=temperature, mask=mask)
+        total = total + alpha_kl * kl
+    if alpha_ce > 0:
+        if labels is None:
+            raise ValueError("alpha_ce > 0 needs labels")
         ce = cross_entropy(student_logits, labels, ignore_index=ignore_index)
-    else:
-        ce = torch.zeros((), dtype=kl.dtype, device=kl.device)
-    total = alpha_kl * kl + alpha_ce * ce + alpha_mse * mse
+        total = total + alpha_ce * ce
+    if alpha_mse > 0:
+        mse = mse_loss(student_logits, teacher_logits, mask=mask)
+        total = total + alpha_mse * mse
     return total, kl.detach(), ce.detach(), mse.detach()
 
 

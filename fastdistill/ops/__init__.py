@@ -1,6 +1,7 @@
-"""torch.library registrations of the fastdistill ops (one file per op).
+"""torch.library registrations of the fastdistill ops, one file per op.
 
-Importing this package registers ``torch.ops.fastdistill.*``. Users call ``fastdistill.losses``.
+Importing this package registers ``torch.ops.fastdistill.*``. Users call ``fastdistill.losses``;
+the ops take already-validated arguments and return the loss with the saved student gradient.
 """
 
-from fastdistill.ops import kl_div  # noqa: F401
+from fastdistill.ops import all_finite, cosine, cross_entropy, distillation, kl_div, mse  # noqa: F401

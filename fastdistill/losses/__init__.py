@@ -1,0 +1,36 @@
+"""Fused distillation losses: drop-in replacements for the usual PyTorch loss formulas.
+
+Functional: kl_div_loss, mse_loss, cosine_loss, cross_entropy, distillation_loss, all_finite.
+Modules: KLDivLoss, MSELoss, CosineLoss, CrossEntropyLoss, DistillationLoss.
+Backend: FASTDISTILL_BACKEND = auto | torch | native | triton (see fastdistill.backend).
+"""
+
+from fastdistill.losses.functional import (
+    all_finite,
+    cosine_loss,
+    cross_entropy,
+    distillation_loss,
+    kl_div_loss,
+    mse_loss,
+)
+from fastdistill.losses.modules import (
+    CosineLoss,
+    CrossEntropyLoss,
+    DistillationLoss,
+    KLDivLoss,
+    MSELoss,
+)
+
+__all__ = [
+    "all_finite",
+    "cosine_loss",
+    "cross_entropy",
+    "distillation_loss",
+    "kl_div_loss",
+    "mse_loss",
+    "CosineLoss",
+    "CrossEntropyLoss",
+    "DistillationLoss",
+    "KLDivLoss",
+    "MSELoss",
+]

@@ -1,0 +1,82 @@
+"""fastdistill::cosine: 1 − cos(s, t) per selected row of hidden states, reduced over rows
+(``mean`` = over selected rows, as ``CosineEmbeddingLoss(target=1)``), with torch's epsilon:
+cos = <s,t> / sqrt((|s|² + 1e-12)(|t|² + 1e-12)). Gradient (student only), computed in the forward:
+−(t / denom − cos · s / (|s|² + eps)) / normaliser."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastdistill import _native, reference
+from fastdistill.backend import select_backend
+from fastdistill.ops._common import (
+    as_rows,
+    empty_grad,
+    flat_rows,
+    reference_value_and_grad,
+    register_saved_grad_autograd,
+)
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _cosine_native(student, teacher, mask, reduction, grad):
+    s2, t2 = as_rows(student), as_rows(teacher)
+    mask1 = flat_rows(mask)
+    out = torch.empty(1, dtype=torch.float32)
+    row_loss = (
+        torch.empty(student.shape[:-1], dtype=torch.float32) if reduction == "none" else None
+    )
+    _native.core().cosine(
+        student=s2.data_ptr(),
+        student_row_stride=s2.stride(0),
+        teacher=t2.data_ptr(),
+        teacher_row_stride=t2.stride(0),
+        mask=_native.ptr(mask1.view(torch.uint8) if mask1 is not None else None),
+        rows=s2.shape[0],
+        cols=s2.shape[1],
+        dtype=_native.DTYPE_CODES[student.dtype],
+        norm=_native.NORM_ROWS if reduction == "mean" else _native.NORM_SUM,
+        row_loss=_native.ptr(row_loss),
+        out=out.data_ptr(),
+        grad=grad.data_ptr() if grad.numel() else 0,
+        num_threads=_native.num_threads(),
+    )
+    return (row_loss if reduction == "none" else out[0].clone()), grad
+
+
+@torch.library.custom_op("fastdistill::cosine", mutates_args=())
+def cosine(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    mask: Tensor | None,
+    reduction: str,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """Returns (loss in float32, d loss/d student_hidden or an empty tensor)."""
+    backend = select_backend("cosine", student_hidden.device)
+    if backend == "torch":
+        (loss,), grad = reference_value_and_grad(
+            lambda s: reference.cosine_loss(s, teacher_hidden.float(), mask=mask, reduction=reduction),
+            student_hidden,
+            compute_grad,
+        )
+        return loss, grad
+    if backend == "native" and student_hidden.device.type == "cpu":
+        return _cosine_native(
+            student_hidden, teacher_hidden, mask, reduction, empty_grad(student_hidden, compute_grad)
+        )
+    raise NotImplementedError(f"cosine has no {backend} kernel for {student_hidden.device.type}")
+
+
+@cosine.register_fake
+def _(student_hidden, teacher_hidden, mask, reduction, compute_grad):
+    lead = student_hidden.shape[:-1] if reduction == "none" else ()
+    return (
+        student_hidden.new_empty(lead, dtype=torch.float32),
+        empty_grad(student_hidden, compute_grad),
+    )
+
+
+register_saved_grad_autograd(cosine, num_inputs=5)

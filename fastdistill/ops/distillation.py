@@ -1,0 +1,95 @@
+"""fastdistill::distillation: alpha_kl · kl + alpha_ce · ce + alpha_mse · mse in ONE pass over the
+student and teacher logits (each read once from memory, the gradient written once).
+
+kl = T² · KL(softmax(t/T) ‖ softmax(s/T)), ``batchmean`` over rows selected by ``mask``;
+ce = hard cross-entropy, mean over rows with ``labels != ignore_index`` (skipped without labels);
+mse = Σ_j (s_j − t_j)², ``batchmean`` over rows selected by ``mask``.
+A term whose alpha is 0 is not computed (its component reads 0): that keeps, e.g., the MSE of
+logits with -inf entries from turning the total into NaN when MSE is off. alpha_ce > 0 needs labels.
+Outputs: the total (differentiable), the three components (float32, no gradient) and the saved
+student gradient of the total.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastdistill import _native, reference
+from fastdistill.backend import select_backend
+from fastdistill.ops._common import empty_grad, reference_value_and_grad, register_saved_grad_autograd
+from fastdistill.ops._fused_logits import Terms, fused_logits_native
+
+
+@torch.library.custom_op("fastdistill::distillation", mutates_args=())
+def distillation(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor | None,
+    mask: Tensor | None,
+    temperature: float,
+    alpha_kl: float,
+    alpha_ce: float,
+    alpha_mse: float,
+    ignore_index: int,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (total, components [kl, ce, mse], d total/d student_logits or an empty tensor)."""
+    backend = select_backend("distillation", student_logits.device)
+    if backend == "torch":
+        (total, kl, ce, mse), grad = reference_value_and_grad(
+            lambda s: reference.distillation_loss(
+                s,
+                teacher_logits.float(),
+                labels=labels,
+                mask=mask,
+                temperature=temperature,
+                alpha_kl=alpha_kl,
+                alpha_ce=alpha_ce,
+                alpha_mse=alpha_mse,
+                ignore_index=ignore_index,
+            ),
+            student_logits,
+            compute_grad,
+        )
+        return total, torch.stack([kl, ce, mse]), grad
+    if backend == "native" and student_logits.device.type == "cpu":
+        terms = Terms(
+            kl=alpha_kl > 0,
+            ce=alpha_ce > 0,
+            mse=alpha_mse > 0,
+            w_kl=alpha_kl,
+            w_ce=alpha_ce,
+            w_mse=alpha_mse,
+            norm_kl=_native.NORM_ROWS,
+            norm_ce=_native.NORM_ROWS,
+            norm_mse=_native.NORM_ROWS,
+        )
+        res = fused_logits_native(
+            student_logits,
+            teacher_logits,
+            labels,
+            mask,
+            terms=terms,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            grad=empty_grad(student_logits, compute_grad),
+        )
+        return res.out[0].clone(), res.out[1:].clone(), res.grad
+    raise NotImplementedError(
+        f"distillation has no {backend} kernel for {student_logits.device.type}"
+    )
+
+
+@distillation.register_fake
+def _(student_logits, teacher_logits, labels, mask, temperature, alpha_kl, alpha_ce, alpha_mse,
+      ignore_index, compute_grad):
+    f32 = dict(dtype=torch.float32)
+    return (
+        student_logits.new_empty((), **f32),
+        student_logits.new_empty((3,), **f32),
+        empty_grad(student_logits, compute_grad),
+    )
+
+
+register_saved_grad_autograd(distillation, num_inputs=10)

@@ -1,0 +1,52 @@
+"""fastdistill::mse: Σ_j (s_j − t_j)² per selected row, reduced over rows (``batchmean``: by the
+number of selected rows, the seed's logit MSE; ``mean``: by rows × C, the hidden-state MSE).
+Gradient (student only): 2 (s − t) / normaliser, computed in the forward pass."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastdistill import reference
+from fastdistill.backend import select_backend
+from fastdistill.ops._common import empty_grad, reference_value_and_grad, register_saved_grad_autograd
+from fastdistill.ops._fused_logits import Terms, fused_logits_native, norm_code
+
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+@torch.library.custom_op("fastdistill::mse", mutates_args=())
+def mse(
+    student: Tensor, teacher: Tensor, mask: Tensor | None, reduction: str, compute_grad: bool
+) -> tuple[Tensor, Tensor]:
+    """Returns (loss in float32, d loss/d student or an empty tensor)."""
+    backend = select_backend("mse", student.device)
+    if backend == "torch":
+        (loss,), grad = reference_value_and_grad(
+            lambda s: reference.mse_loss(s, teacher.float(), mask=mask, reduction=reduction),
+            student,
+            compute_grad,
+        )
+        return loss, grad
+    if backend == "native" and student.device.type == "cpu":
+        res = fused_logits_native(
+            student,
+            teacher,
+            None,
+            mask,
+            terms=Terms(mse=True, norm_mse=norm_code(reduction)),
+            want_rows=reduction == "none",
+            grad=empty_grad(student, compute_grad),
+        )
+        loss = res.row_mse if reduction == "none" else res.out[3].clone()
+        return loss, res.grad
+    raise NotImplementedError(f"mse has no {backend} kernel for {student.device.type}")
+
+
+@mse.register_fake
+def _(student, teacher, mask, reduction, compute_grad):
+    lead = student.shape[:-1] if reduction == "none" else ()
+    return student.new_empty(lead, dtype=torch.float32), empty_grad(student, compute_grad)
+
+
+register_saved_grad_autograd(mse, num_inputs=5)
