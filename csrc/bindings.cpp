@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <sys/mman.h>
+
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -98,6 +100,26 @@ PYBIND11_MODULE(_C, m) {
     throw py::value_error("CPU variant '" + name + "' is not built or not supported by this CPU");
   }, py::arg("name"), "Force a CPU variant (for tests and benchmarks).");
   m.def("built_with_cuda", [] { return bool(FD_BUILT_CUDA); });
+
+  m.def(
+      "advise_hugepages",
+      [](std::uintptr_t p, int64_t nbytes) {
+        // Ask for transparent huge pages on a fresh, untouched buffer (the gradient): first-touch
+        // page faults of a large output otherwise cost more than the kernel itself on many
+        // machines. Only the 2 MiB-aligned interior qualifies; failure is harmless (returns false).
+#ifdef MADV_HUGEPAGE
+        constexpr std::uintptr_t kHuge = 2u << 20;
+        const std::uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1);
+        const std::uintptr_t end = (p + static_cast<std::uintptr_t>(nbytes)) & ~(kHuge - 1);
+        if (end <= begin) return false;
+        return madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) == 0;
+#else
+        (void)p;
+        (void)nbytes;
+        return false;
+#endif
+      },
+      py::arg("ptr"), py::arg("nbytes"));
 
   m.def(
       "fused_logits",

@@ -136,8 +136,11 @@ def distillation_loss(
     rows selected by ``mask`` (the seed's ``MSELoss(sum) / #rows``). A term whose alpha is 0 is
     not computed and its component is 0, so an unused MSE of ``-inf`` logits cannot poison the total.
     """
-    zero = torch.zeros((), dtype=torch.promote_types(student_logits.dtype, torch.float32),
-                       device=student_logits.device)
+    zero = torch.zeros(
+        (),
+        dtype=torch.promote_types(student_logits.dtype, torch.float32),
+        device=student_logits.device,
+    )
     kl = ce = mse = zero
     total = zero
     if alpha_kl > 0:

@@ -86,26 +86,59 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
 
   // The CE softmax is at temperature 1; with T == 1 it is the KL student softmax.
   const bool share = KL && CE && temp == 1.0f;
+  // With a gradient to write, pass 2 keeps exp((s-ms)/T) and exp((t-mt)/T) in a per-thread fp32
+  // scratch row (L2-resident for V up to ~64k), so pass 3 needs no exponentials for KL.
+  float* es_keep = nullptr;
+  float* et_keep = nullptr;
+  if (KL && g) {
+    thread_local std::vector<float> scratch;
+    if (scratch.size() < static_cast<size_t>(2 * V)) scratch.resize(static_cast<size_t>(2 * V));
+    es_keep = scratch.data();
+    et_keep = scratch.data() + V;
+  }
   float zs = 0.0f, zt = 0.0f, cross = 0.0f, z1 = 0.0f, sq = 0.0f;
+  if (KL && g) {
+    // Same loop as below plus the two scratch stores; split so the no-grad loop stays store-free.
 #pragma omp simd reduction(+ : zs, zt, cross, z1, sq)
-  for (int64_t j = 0; j < V; ++j) {
-    const float x = load(s, j);
-    float y = 0.0f;
-    if constexpr (KL || MSE) y = load(t, j);
-    if constexpr (KL) {
+    for (int64_t j = 0; j < V; ++j) {
+      const float x = load(s, j);
+      const float y = load(t, j);
       const float es = fd_exp((x - ms) * inv_t);
       const float et = fd_exp((y - mt) * inv_t);
+      es_keep[j] = es;
+      et_keep[j] = et;
       zs += es;
       zt += et;
-      // p_t = 0 contributes 0 even where s = -inf (0 * inf would be NaN).
       cross += et > 0.0f ? et * (y - x) : 0.0f;
+      if constexpr (CE) {
+        if (!share) z1 += fd_exp(x - ms);
+      }
+      if constexpr (MSE) {
+        const float d = x - y;
+        sq += d * d;
+      }
     }
-    if constexpr (CE) {
-      if (!share) z1 += fd_exp(x - ms);
-    }
-    if constexpr (MSE) {
-      const float d = x - y;
-      sq += d * d;
+  } else {
+#pragma omp simd reduction(+ : zs, zt, cross, z1, sq)
+    for (int64_t j = 0; j < V; ++j) {
+      const float x = load(s, j);
+      float y = 0.0f;
+      if constexpr (KL || MSE) y = load(t, j);
+      if constexpr (KL) {
+        const float es = fd_exp((x - ms) * inv_t);
+        const float et = fd_exp((y - mt) * inv_t);
+        zs += es;
+        zt += et;
+        // p_t = 0 contributes 0 even where s = -inf (0 * inf would be NaN).
+        cross += et > 0.0f ? et * (y - x) : 0.0f;
+      }
+      if constexpr (CE) {
+        if (!share) z1 += fd_exp(x - ms);
+      }
+      if constexpr (MSE) {
+        const float d = x - y;
+        sq += d * d;
+      }
     }
   }
   if (share) z1 = zs;
@@ -127,27 +160,26 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
   if constexpr (MSE) res.mse = sq;
 
   if (!g) return res;
-  const float lzs = static_cast<float>(log_zs);
-  const float lzt = static_cast<float>(log_zt);
+  // p = e / z: multiply by 1/z (one rounding more than exp(x - log z), well inside 1e-5).
+  const float wkl_s = static_cast<float>(w.kl / static_cast<double>(zs));
+  const float wkl_t = static_cast<float>(w.kl / static_cast<double>(zt));
+  const float inv_zs = static_cast<float>(1.0 / static_cast<double>(zs));
   const float lz1 = static_cast<float>(log_z1);
-  const float wkl = w.kl, wce = w.ce, wmse = w.mse;
+  const float wce = w.ce, wmse = w.mse;
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) {
-    const float x = load(s, j);
-    float y = 0.0f;
-    if constexpr (KL || MSE) y = load(t, j);
     float gv = 0.0f;
-    float ps = 0.0f;
-    if constexpr (KL) {
-      ps = fd_exp((x - ms) * inv_t - lzs);
-      const float pt = fd_exp((y - mt) * inv_t - lzt);
-      gv += wkl * (ps - pt);
-    }
+    if constexpr (KL) gv += wkl_s * es_keep[j] - wkl_t * et_keep[j];
     if constexpr (CE) {
-      const float p1 = share ? ps : fd_exp(x - ms - lz1);
+      float p1;
+      if constexpr (KL) {
+        p1 = share ? es_keep[j] * inv_zs : fd_exp(load(s, j) - ms - lz1);
+      } else {
+        p1 = fd_exp(load(s, j) - ms - lz1);
+      }
       gv += wce * (p1 - (j == label ? 1.0f : 0.0f));
     }
-    if constexpr (MSE) gv += wmse * (x - y);
+    if constexpr (MSE) gv += wmse * (load(s, j) - load(t, j));
     store(g, j, gv);
   }
   return res;

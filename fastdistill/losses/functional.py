@@ -169,7 +169,9 @@ def all_finite(*tensors: Tensor | None) -> Tensor:
         raise ValueError("all_finite needs at least one tensor")
     for i, t in enumerate(present):
         if not isinstance(t, Tensor):
-            raise TypeError(f"all_finite argument {i} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(
+                f"all_finite argument {i} must be a torch.Tensor, got {type(t).__name__}"
+            )
     device = present[0].device
     for t in present[1:]:
         if t.device != device:

@@ -105,7 +105,9 @@ def check_weight(value: object, name: str) -> float:
 
 def check_reduction(reduction: object, allowed: Sequence[str]) -> str:
     if reduction not in allowed:
-        raise ValueError(f"reduction must be one of {', '.join(map(repr, allowed))}, got {reduction!r}")
+        raise ValueError(
+            f"reduction must be one of {', '.join(map(repr, allowed))}, got {reduction!r}"
+        )
     return reduction  # type: ignore[return-value]
 
 
@@ -145,11 +147,30 @@ def flat_rows(x: Tensor | None, dtype: torch.dtype | None = None) -> Tensor | No
     return x.contiguous()
 
 
+# Below this size first-touch page faults are cheap and huge pages would only waste memory.
+_HUGEPAGE_MIN_BYTES = 8 << 20
+
+
 def empty_grad(student: Tensor, compute_grad: bool) -> Tensor:
-    """Gradient buffer with the student's shape, or an empty placeholder when none is needed."""
-    if compute_grad:
-        return torch.empty(student.shape, dtype=student.dtype, device=student.device)
-    return student.new_empty((0,))
+    """Gradient buffer with the student's shape, or an empty placeholder when none is needed.
+    (Also the fake/meta implementation: no data access here.)"""
+    if not compute_grad:
+        return student.new_empty((0,))
+    return torch.empty(student.shape, dtype=student.dtype, device=student.device)
+
+
+def alloc_grad(student: Tensor, compute_grad: bool) -> Tensor:
+    """``empty_grad`` for a kernel about to write it: large CPU buffers get huge pages."""
+    grad = empty_grad(student, compute_grad)
+    nbytes = grad.numel() * grad.element_size()
+    if (
+        compute_grad
+        and grad.device.type == "cpu"
+        and nbytes >= _HUGEPAGE_MIN_BYTES
+        and _native.available()
+    ):
+        _native.core().advise_hugepages(grad.data_ptr(), nbytes)
+    return grad
 
 
 # ---- reference fallback inside an op (FASTDISTILL_BACKEND=torch or no kernel for the device) --
@@ -201,8 +222,14 @@ def register_saved_grad_autograd(op, *, num_inputs: int) -> None:
                 "backpropagate"
             )
         scale = grad_loss if ctx.loss_ndim == 0 else grad_loss.unsqueeze(-1)
-        if torch.compiler.is_compiling():
-            grad_student = grad * scale  # functional form for the traced backward graph
+        if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
+            # Traced (fake/functional tensors, torch.compile): a mutation of a forward output
+            # inside the backward graph is not allowed there; the compiler plans the buffers.
+            grad_student = grad * scale
+        elif grad.device.type == "cpu" and ctx.loss_ndim == 0 and float(grad_loss) == 1.0:
+            # loss.backward() on CPU: skip a full pass over the gradient. Reading a CPU scalar is
+            # a memory load, not a device sync; on accelerators this branch is never taken.
+            grad_student = grad
         else:
             grad_student = grad.mul_(scale)
         return (grad_student,) + (None,) * (num_inputs - 1)

@@ -11,6 +11,7 @@ from torch import Tensor
 from fastdistill import _native, reference
 from fastdistill.backend import select_backend
 from fastdistill.ops._common import (
+    alloc_grad,
     as_rows,
     empty_grad,
     flat_rows,
@@ -25,9 +26,7 @@ def _cosine_native(student, teacher, mask, reduction, grad):
     s2, t2 = as_rows(student), as_rows(teacher)
     mask1 = flat_rows(mask)
     out = torch.empty(1, dtype=torch.float32)
-    row_loss = (
-        torch.empty(student.shape[:-1], dtype=torch.float32) if reduction == "none" else None
-    )
+    row_loss = torch.empty(student.shape[:-1], dtype=torch.float32) if reduction == "none" else None
     _native.core().cosine(
         student=s2.data_ptr(),
         student_row_stride=s2.stride(0),
@@ -58,14 +57,20 @@ def cosine(
     backend = select_backend("cosine", student_hidden.device)
     if backend == "torch":
         (loss,), grad = reference_value_and_grad(
-            lambda s: reference.cosine_loss(s, teacher_hidden.float(), mask=mask, reduction=reduction),
+            lambda s: reference.cosine_loss(
+                s, teacher_hidden.float(), mask=mask, reduction=reduction
+            ),
             student_hidden,
             compute_grad,
         )
         return loss, grad
     if backend == "native" and student_hidden.device.type == "cpu":
         return _cosine_native(
-            student_hidden, teacher_hidden, mask, reduction, empty_grad(student_hidden, compute_grad)
+            student_hidden,
+            teacher_hidden,
+            mask,
+            reduction,
+            alloc_grad(student_hidden, compute_grad),
         )
     raise NotImplementedError(f"cosine has no {backend} kernel for {student_hidden.device.type}")
 

@@ -9,7 +9,12 @@ from torch import Tensor
 
 from fastdistill import _native, reference
 from fastdistill.backend import select_backend
-from fastdistill.ops._common import empty_grad, reference_value_and_grad, register_saved_grad_autograd
+from fastdistill.ops._common import (
+    alloc_grad,
+    empty_grad,
+    reference_value_and_grad,
+    register_saved_grad_autograd,
+)
 from fastdistill.ops._fused_logits import Terms, fused_logits_native
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -23,7 +28,9 @@ def cross_entropy(
     backend = select_backend("cross_entropy", logits.device)
     if backend == "torch":
         (loss,), grad = reference_value_and_grad(
-            lambda x: reference.cross_entropy(x, labels, ignore_index=ignore_index, reduction=reduction),
+            lambda x: reference.cross_entropy(
+                x, labels, ignore_index=ignore_index, reduction=reduction
+            ),
             logits,
             compute_grad,
         )
@@ -38,7 +45,7 @@ def cross_entropy(
             terms=Terms(ce=True, norm_ce=norm),
             ignore_index=ignore_index,
             want_rows=reduction == "none",
-            grad=empty_grad(logits, compute_grad),
+            grad=alloc_grad(logits, compute_grad),
         )
         loss = res.row_ce if reduction == "none" else res.out[2].clone()
         return loss, res.grad

@@ -17,7 +17,12 @@ from torch import Tensor
 
 from fastdistill import _native, reference
 from fastdistill.backend import select_backend
-from fastdistill.ops._common import empty_grad, reference_value_and_grad, register_saved_grad_autograd
+from fastdistill.ops._common import (
+    alloc_grad,
+    empty_grad,
+    reference_value_and_grad,
+    register_saved_grad_autograd,
+)
 from fastdistill.ops._fused_logits import Terms, fused_logits_native
 
 
@@ -73,7 +78,7 @@ def distillation(
             terms=terms,
             temperature=temperature,
             ignore_index=ignore_index,
-            grad=empty_grad(student_logits, compute_grad),
+            grad=alloc_grad(student_logits, compute_grad),
         )
         return res.out[0].clone(), res.out[1:].clone(), res.grad
     raise NotImplementedError(
@@ -82,8 +87,18 @@ def distillation(
 
 
 @distillation.register_fake
-def _(student_logits, teacher_logits, labels, mask, temperature, alpha_kl, alpha_ce, alpha_mse,
-      ignore_index, compute_grad):
+def _(
+    student_logits,
+    teacher_logits,
+    labels,
+    mask,
+    temperature,
+    alpha_kl,
+    alpha_ce,
+    alpha_mse,
+    ignore_index,
+    compute_grad,
+):
     f32 = dict(dtype=torch.float32)
     return (
         student_logits.new_empty((), **f32),

@@ -12,7 +12,12 @@ from torch import Tensor
 
 from fastdistill import reference
 from fastdistill.backend import select_backend
-from fastdistill.ops._common import empty_grad, reference_value_and_grad, register_saved_grad_autograd
+from fastdistill.ops._common import (
+    alloc_grad,
+    empty_grad,
+    reference_value_and_grad,
+    register_saved_grad_autograd,
+)
 from fastdistill.ops._fused_logits import Terms, fused_logits_native, norm_code
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -47,7 +52,7 @@ def kl_div(
             terms=Terms(kl=True, norm_kl=norm_code(reduction)),
             temperature=temperature,
             want_rows=reduction == "none",
-            grad=empty_grad(student_logits, compute_grad),
+            grad=alloc_grad(student_logits, compute_grad),
         )
         loss = res.row_kl if reduction == "none" else res.out[1].clone()
         return loss, res.grad

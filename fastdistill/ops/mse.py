@@ -9,7 +9,12 @@ from torch import Tensor
 
 from fastdistill import reference
 from fastdistill.backend import select_backend
-from fastdistill.ops._common import empty_grad, reference_value_and_grad, register_saved_grad_autograd
+from fastdistill.ops._common import (
+    alloc_grad,
+    empty_grad,
+    reference_value_and_grad,
+    register_saved_grad_autograd,
+)
 from fastdistill.ops._fused_logits import Terms, fused_logits_native, norm_code
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -36,7 +41,7 @@ def mse(
             mask,
             terms=Terms(mse=True, norm_mse=norm_code(reduction)),
             want_rows=reduction == "none",
-            grad=empty_grad(student, compute_grad),
+            grad=alloc_grad(student, compute_grad),
         )
         loss = res.row_mse if reduction == "none" else res.out[3].clone()
         return loss, res.grad
