@@ -204,17 +204,37 @@ def register_saved_grad_autograd(op, *, num_inputs: int) -> None:
     """Autograd for an op whose LAST output is d(first output)/d(first input), computed in the
     forward with an upstream gradient of 1. The backward scales it by the real upstream gradient.
 
-    The scaling is in place (no second logits-sized buffer, which is what keeps the peak memory at
-    one gradient). Autograd's version counter then makes a second backward through the same graph
-    (``retain_graph=True``) fail loudly instead of returning a twice-scaled gradient.
+    Eager mode keeps the gradient on ``ctx`` and hands it over in the backward (scaled in place),
+    so no second logits-sized buffer is ever allocated: not for the scaling, and not by
+    AccumulateGrad, which can adopt a gradient that nothing else references but must copy one that
+    is still held as a saved tensor. The handover means one backward per forward: a second
+    backward through the same node (``retain_graph=True``) raises instead of returning a wrong
+    gradient. Traced code (torch.compile, AOT) uses ``save_for_backward`` and an out-of-place
+    scale, as the compiler requires.
     """
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output[-1])
+        grad = output[-1]
+        ctx.mark_non_differentiable(*output[1:])
         ctx.loss_ndim = output[0].dim()
+        ctx.traced = type(grad) is not torch.Tensor
+        if ctx.traced:
+            ctx.save_for_backward(grad)
+        else:
+            ctx.fused_grad = grad
 
     def backward(ctx, grad_loss, *_unused):
-        (grad,) = ctx.saved_tensors
+        if ctx.traced:
+            (grad,) = ctx.saved_tensors
+        else:
+            grad = getattr(ctx, "fused_grad", None)
+            if grad is None:
+                raise RuntimeError(
+                    "fastdistill losses support one backward pass per forward pass (the gradient "
+                    "computed in the forward is handed over, not copied); recompute the loss for "
+                    "a second backward"
+                )
+            del ctx.fused_grad
         if grad.numel() == 0 and grad_loss.numel() != 0:
             raise RuntimeError(
                 "fastdistill: the forward ran without computing the student gradient "
@@ -222,9 +242,9 @@ def register_saved_grad_autograd(op, *, num_inputs: int) -> None:
                 "backpropagate"
             )
         scale = grad_loss if ctx.loss_ndim == 0 else grad_loss.unsqueeze(-1)
-        if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
-            # Traced (fake/functional tensors, torch.compile): a mutation of a forward output
-            # inside the backward graph is not allowed there; the compiler plans the buffers.
+        if ctx.traced or torch.compiler.is_compiling():
+            # Traced (fake/functional tensors): no mutation of a forward output in the backward
+            # graph; the compiler plans the buffers.
             grad_student = grad * scale
         elif grad.device.type == "cpu" and ctx.loss_ndim == 0 and float(grad_loss) == 1.0:
             # loss.backward() on CPU: skip a full pass over the gradient. Reading a CPU scalar is
