@@ -1,0 +1,34 @@
+# Developer commands. CI runs .ci/run instead (a user-style, non-editable install).
+PYTHON ?= python
+PIP ?= $(PYTHON) -m pip
+PYTEST ?= pytest
+
+.PHONY: install test test-triton bench lint format env
+
+# torch is pinned and installed first: left to resolve `torch` itself, pip pulls the multi-GB
+# CUDA build. --no-build-isolation builds against the scikit-build-core/pybind11 installed here;
+# rerun after changing csrc/ (editable installs do not rebuild the core on import).
+install:
+	$(PIP) install torch==2.13.0
+	$(PIP) install "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
+	$(PIP) install --no-build-isolation -e ".[test]"
+
+test:
+	$(PYTEST) -q
+
+# The Triton kernels on CPU tensors, through the Triton interpreter (DESIGN.md section 7).
+test-triton:
+	FASTDISTILL_BACKEND=triton TRITON_INTERPRET=1 $(PYTEST) -q tests
+
+bench:
+	$(PYTEST) bench -q
+
+lint:
+	ruff check fastdistill tests bench
+
+format:
+	ruff format fastdistill tests bench
+	ruff check --fix fastdistill tests bench
+
+env:
+	$(PYTHON) -m fastdistill env
