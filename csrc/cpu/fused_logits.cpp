@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -86,39 +87,22 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
 
   // The CE softmax is at temperature 1; with T == 1 it is the KL student softmax.
   const bool share = KL && CE && temp == 1.0f;
-  // With a gradient to write, pass 2 keeps exp((s-ms)/T) and exp((t-mt)/T) in a per-thread fp32
-  // scratch row (L2-resident for V up to ~64k), so pass 3 needs no exponentials for KL.
-  float* es_keep = nullptr;
-  float* et_keep = nullptr;
-  if (KL && g) {
+  // With a gradient to write, pass 2 keeps its exponentials (student and teacher at T, student at
+  // 1 for CE) in a per-thread fp32 scratch row, L2-resident for V up to ~64k, so pass 3 computes
+  // none. Without a gradient pass 2 stores nothing.
+  float* keep_s = nullptr;
+  float* keep_t = nullptr;
+  float* keep_1 = nullptr;
+  if (g) {
     thread_local std::vector<float> scratch;
-    if (scratch.size() < static_cast<size_t>(2 * V)) scratch.resize(static_cast<size_t>(2 * V));
-    es_keep = scratch.data();
-    et_keep = scratch.data() + V;
+    if (scratch.size() < static_cast<size_t>(3 * V)) scratch.resize(static_cast<size_t>(3 * V));
+    keep_s = scratch.data();
+    keep_t = keep_s + V;
+    keep_1 = keep_t + V;
   }
   float zs = 0.0f, zt = 0.0f, cross = 0.0f, z1 = 0.0f, sq = 0.0f;
-  if (KL && g) {
-    // Same loop as below plus the two scratch stores; split so the no-grad loop stays store-free.
-#pragma omp simd reduction(+ : zs, zt, cross, z1, sq)
-    for (int64_t j = 0; j < V; ++j) {
-      const float x = load(s, j);
-      const float y = load(t, j);
-      const float es = fd_exp((x - ms) * inv_t);
-      const float et = fd_exp((y - mt) * inv_t);
-      es_keep[j] = es;
-      et_keep[j] = et;
-      zs += es;
-      zt += et;
-      cross += et > 0.0f ? et * (y - x) : 0.0f;
-      if constexpr (CE) {
-        if (!share) z1 += fd_exp(x - ms);
-      }
-      if constexpr (MSE) {
-        const float d = x - y;
-        sq += d * d;
-      }
-    }
-  } else {
+  auto pass2 = [&](auto keep_tag) {
+    constexpr bool kKeep = decltype(keep_tag)::value;
 #pragma omp simd reduction(+ : zs, zt, cross, z1, sq)
     for (int64_t j = 0; j < V; ++j) {
       const float x = load(s, j);
@@ -127,19 +111,32 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
       if constexpr (KL) {
         const float es = fd_exp((x - ms) * inv_t);
         const float et = fd_exp((y - mt) * inv_t);
+        if constexpr (kKeep) {
+          keep_s[j] = es;
+          keep_t[j] = et;
+        }
         zs += es;
         zt += et;
         // p_t = 0 contributes 0 even where s = -inf (0 * inf would be NaN).
         cross += et > 0.0f ? et * (y - x) : 0.0f;
       }
       if constexpr (CE) {
-        if (!share) z1 += fd_exp(x - ms);
+        if (!share) {
+          const float e1 = fd_exp(x - ms);
+          if constexpr (kKeep) keep_1[j] = e1;
+          z1 += e1;
+        }
       }
       if constexpr (MSE) {
         const float d = x - y;
         sq += d * d;
       }
     }
+  };
+  if (g) {
+    pass2(std::true_type{});
+  } else {
+    pass2(std::false_type{});
   }
   if (share) z1 = zs;
 
@@ -160,25 +157,17 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
   if constexpr (MSE) res.mse = sq;
 
   if (!g) return res;
-  // p = e / z: multiply by 1/z (one rounding more than exp(x - log z), well inside 1e-5).
+  // p = e / z as e * (1/z): one rounding more than exp(x - log z), far inside the 1e-5 budget.
   const float wkl_s = static_cast<float>(w.kl / static_cast<double>(zs));
   const float wkl_t = static_cast<float>(w.kl / static_cast<double>(zt));
-  const float inv_zs = static_cast<float>(1.0 / static_cast<double>(zs));
-  const float lz1 = static_cast<float>(log_z1);
+  const float wce_1 = static_cast<float>(w.ce / static_cast<double>(z1));
   const float wce = w.ce, wmse = w.mse;
+  const float* e1 = share ? keep_s : keep_1;
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) {
     float gv = 0.0f;
-    if constexpr (KL) gv += wkl_s * es_keep[j] - wkl_t * et_keep[j];
-    if constexpr (CE) {
-      float p1;
-      if constexpr (KL) {
-        p1 = share ? es_keep[j] * inv_zs : fd_exp(load(s, j) - ms - lz1);
-      } else {
-        p1 = fd_exp(load(s, j) - ms - lz1);
-      }
-      gv += wce * (p1 - (j == label ? 1.0f : 0.0f));
-    }
+    if constexpr (KL) gv += wkl_s * keep_s[j] - wkl_t * keep_t[j];
+    if constexpr (CE) gv += wce_1 * e1[j] - (j == label ? wce : 0.0f);
     if constexpr (MSE) gv += wmse * (load(s, j) - load(t, j));
     store(g, j, gv);
   }

@@ -9,7 +9,14 @@ import torch
 from torch import Tensor
 
 from fastdistill import _native
-from fastdistill.ops._common import as_rows, flat_rows
+from fastdistill.ops._common import (
+    as_rows,
+    check_float_tensor,
+    check_labels,
+    check_mask,
+    check_pair,
+    flat_rows,
+)
 
 
 @dataclass(frozen=True)
@@ -49,8 +56,17 @@ def fused_logits_native(
     grad: Tensor,
 ) -> FusedResult:
     """Run the CPU kernel. ``grad`` is a buffer of the student's shape (written) or empty (skipped)."""
-    C = _native.core()
+    # The raw ops (torch.ops.fastdistill.*) are callable without the public API's checks, and the
+    # kernel trusts its pointers: re-check what would make it read out of bounds (cheap, O(1)).
+    if teacher is not None:
+        check_pair(student, teacher, "student", "teacher")
+    else:
+        check_float_tensor(student, "student")
     lead = student.shape[:-1]
+    mask = check_mask(mask, lead, student.device)
+    if labels is not None:
+        labels = check_labels(labels, lead, student.device)
+    C = _native.core()
     s2 = as_rows(student)
     t2 = as_rows(teacher) if teacher is not None else None
     labels1 = flat_rows(labels, torch.int64)

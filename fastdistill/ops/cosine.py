@@ -13,6 +13,8 @@ from fastdistill.backend import select_backend
 from fastdistill.ops._common import (
     alloc_grad,
     as_rows,
+    check_mask,
+    check_pair,
     empty_grad,
     flat_rows,
     reference_value_and_grad,
@@ -23,6 +25,9 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _cosine_native(student, teacher, mask, reduction, grad):
+    # Raw-op callers skip the public checks; the kernel trusts its pointers (see _fused_logits).
+    check_pair(student, teacher, "student_hidden", "teacher_hidden")
+    mask = check_mask(mask, student.shape[:-1], student.device)
     s2, t2 = as_rows(student), as_rows(teacher)
     mask1 = flat_rows(mask)
     out = torch.empty(1, dtype=torch.float32)
