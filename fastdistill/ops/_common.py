@@ -184,17 +184,23 @@ def reference_value_and_grad(
     The gradient is of ``out[0].sum()``: rows are independent, so for ``reduction="none"`` the
     backward's per-row scaling gives the exact vector-Jacobian product.
     """
-    with torch.enable_grad():
-        s = student.detach().float().requires_grad_(compute_grad)
-        out = fn(s)
+    s = student.detach().float()
+    if not compute_grad:
+        with torch.no_grad():
+            out = fn(s)
+        outs = out if isinstance(out, tuple) else (out,)
+        return tuple(o.float() for o in outs), student.new_empty((0,))
+
+    # torch.func, not torch.autograd.grad: this runs inside the op's kernel, below the Autograd
+    # dispatch key, where tensors record no graph; functorch's transform brings its own.
+    def first_and_all(x: Tensor):
+        out = fn(x)
         outs = out if isinstance(out, tuple) else (out,)
         outs = tuple(o.float() for o in outs)
-        if compute_grad:
-            (grad,) = torch.autograd.grad(outs[0].sum(), s)
-            grad = grad.to(student.dtype)
-        else:
-            grad = student.new_empty((0,))
-    return tuple(o.detach() for o in outs), grad
+        return outs[0].sum(), outs
+
+    grad, outs = torch.func.grad(first_and_all, has_aux=True)(s)
+    return outs, grad.to(student.dtype)
 
 
 # ---- autograd for ops that return (loss, ..., grad) ------------------------------------------
@@ -217,6 +223,9 @@ def register_saved_grad_autograd(op, *, num_inputs: int) -> None:
         grad = output[-1]
         ctx.mark_non_differentiable(*output[1:])
         ctx.loss_ndim = output[0].dim()
+        # compute_grad is every op's last input; without it (frozen student, teacher requiring
+        # grad) the student simply gets no gradient.
+        ctx.compute_grad = bool(inputs[-1])
         ctx.traced = type(grad) is not torch.Tensor
         if ctx.traced:
             ctx.save_for_backward(grad)
@@ -224,6 +233,9 @@ def register_saved_grad_autograd(op, *, num_inputs: int) -> None:
             ctx.fused_grad = grad
 
     def backward(ctx, grad_loss, *_unused):
+        no_grads = (None,) * num_inputs
+        if not ctx.compute_grad:
+            return no_grads
         if ctx.traced:
             (grad,) = ctx.saved_tensors
         else:
@@ -235,12 +247,6 @@ def register_saved_grad_autograd(op, *, num_inputs: int) -> None:
                     "a second backward"
                 )
             del ctx.fused_grad
-        if grad.numel() == 0 and grad_loss.numel() != 0:
-            raise RuntimeError(
-                "fastdistill: the forward ran without computing the student gradient "
-                "(student did not require grad or grad mode was off), so there is nothing to "
-                "backpropagate"
-            )
         scale = grad_loss if ctx.loss_ndim == 0 else grad_loss.unsqueeze(-1)
         if ctx.traced or torch.compiler.is_compiling():
             # Traced (fake/functional tensors): no mutation of a forward output in the backward
