@@ -24,6 +24,20 @@ namespace {
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
+// e^v - 1 - v by its series to v^7: for |v| < 1/4 the truncation is below 2e-8 relative and
+// nothing cancels (the direct form loses all digits as v -> 0).
+inline float exp_minus_1_minus_x_small(float v) {
+  float q = 1.0f / 5040.0f;
+  q = q * v + 1.0f / 720.0f;
+  q = q * v + 1.0f / 120.0f;
+  q = q * v + 1.0f / 24.0f;
+  q = q * v + 1.0f / 6.0f;
+  q = q * v + 0.5f;
+  return q * v * v;
+}
+
+inline bool is_small(float v) { return v > -0.25f && v < 0.25f; }  // false for NaN and inf
+
 struct RowResult {
   float kl = 0.0f, ce = 0.0f, mse = 0.0f;
 };
@@ -87,26 +101,30 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
 
   // The CE softmax is at temperature 1; with T == 1 it is the KL student softmax.
   const bool share = KL && CE && temp == 1.0f;
-  // With a gradient to write, pass 2 keeps its exponentials (student and teacher at T, student at
-  // 1 for CE) in a per-thread fp32 scratch row, L2-resident for V up to ~64k, so pass 3 computes
-  // none. Without a gradient pass 2 stores nothing.
+  // Pass 2 keeps its exponentials (student and teacher at T; student at 1 for CE) in a per-thread
+  // fp32 scratch row, L2-resident for V up to ~64k, so pass 3 computes no exp.
+  const bool keep = KL || g;
   float* keep_s = nullptr;
   float* keep_t = nullptr;
   float* keep_1 = nullptr;
-  if (g) {
+  if (keep) {
     thread_local std::vector<float> scratch;
     if (scratch.size() < static_cast<size_t>(3 * V)) scratch.resize(static_cast<size_t>(3 * V));
     keep_s = scratch.data();
     keep_t = keep_s + V;
     keep_1 = keep_t + V;
   }
-  // Sums run in fp32 SIMD lanes within a block and in double across blocks: a single fp32
-  // accumulator per lane over 128k+ terms loses low bits (loss error ~5e-5 at V = 128256).
-  double zs_d = 0.0, zt_d = 0.0, cross_d = 0.0, z1_d = 0.0, sq_d = 0.0;
+  // Sums run in fp32 SIMD lanes within a block and in double across blocks: one fp32
+  // accumulator per lane over 128k terms loses low bits (loss error ~5e-5 at V = 128256).
+  constexpr int64_t kBlock = 4096;  // 16 KiB of fp32 per input: a block stays in L1
+  // dz = sum (e_s - e_t) = zs - zt, accumulated term by term as e_t expm1(u) (see pass 3) so
+  // that log(zs/zt) = log1p(dz/zt) is accurate to ~1e-10 even when zs and zt agree to 1e-7.
+  const float dm = ms - mt;
+  double zs_d = 0.0, zt_d = 0.0, dz_d = 0.0, z1_d = 0.0, sq_d = 0.0;
   auto pass2 = [&](auto keep_tag, int64_t j0, int64_t j1) {
     constexpr bool kKeep = decltype(keep_tag)::value;
-    float zs = 0.0f, zt = 0.0f, cross = 0.0f, z1 = 0.0f, sq = 0.0f;
-#pragma omp simd reduction(+ : zs, zt, cross, z1, sq)
+    float zs = 0.0f, zt = 0.0f, dz = 0.0f, z1 = 0.0f, sq = 0.0f;
+#pragma omp simd reduction(+ : zs, zt, dz, z1, sq)
     for (int64_t j = j0; j < j1; ++j) {
       const float x = load(s, j);
       float y = 0.0f;
@@ -120,8 +138,8 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
         }
         zs += es;
         zt += et;
-        // p_t = 0 contributes 0 even where s = -inf (0 * inf would be NaN).
-        cross += et > 0.0f ? et * (y - x) : 0.0f;
+        const float u = ((x - y) - dm) * inv_t;
+        dz += is_small(u) ? et * (exp_minus_1_minus_x_small(u) + u) : es - et;
       }
       if constexpr (CE) {
         if (!share) {
@@ -137,52 +155,78 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
     }
     zs_d += zs;
     zt_d += zt;
-    cross_d += cross;
+    dz_d += dz;
     z1_d += z1;
     sq_d += sq;
   };
-  constexpr int64_t kBlock = 4096;  // 16 KiB of fp32 per input: the block stays in L1
   for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
     const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
-    if (g) {
+    if (keep) {
       pass2(std::true_type{}, j0, j1);
     } else {
       pass2(std::false_type{}, j0, j1);
     }
   }
   if (share) z1_d = zs_d;
-
-  // Scalars per row in double: cheap, and keeps the lse differences exact enough for 1e-5.
-  const double log_zs = std::log(zs_d);
-  const double log_zt = std::log(zt_d);
   const double log_z1 = std::log(z1_d);
-  if constexpr (KL) {
-    // KL = sum p_t (t - s)/T - lse(t/T) + lse(s/T), with lse(x/T) = max/T + log z.
-    const double kl = cross_d * inv_t / zt_d -
-                      (static_cast<double>(mt) * inv_t + log_zt) +
-                      (static_cast<double>(ms) * inv_t + log_zs);
-    res.kl = static_cast<float>(kl * temp * temp);
-  }
   if constexpr (CE) {
     res.ce = static_cast<float>(static_cast<double>(ms) + log_z1 - load(s, label));
   }
   if constexpr (MSE) res.mse = static_cast<float>(sq_d);
+  if (!KL && !g) return res;
 
-  if (!g) return res;
-  // p = e / z as e * (1/z): one rounding more than exp(x - log z), far inside the 1e-5 budget.
-  const float wkl_s = static_cast<float>(w.kl / zs_d);
-  const float wkl_t = static_cast<float>(w.kl / zt_d);
+  // Pass 3: KL and the gradient, free of cancellation when the student is close to the teacher
+  // (the regime distillation converges to). With u = (s - t - (ms - mt)) / T and
+  // delta = log(zs / zt) = lse(s/T) - lse(t/T) - (ms - mt)/T, log p_s - log p_t = u - delta =: v, so
+  //   KL        = sum p_t (e^v - 1 - v)      (every term >= 0; first-order insensitive to delta)
+  //   p_s - p_t = p_t expm1(v).
+  // Small |v| uses the series of e^v - 1 - v and expm1 (nothing cancels); large |v| uses the
+  // direct forms, which are accurate there. s and t are re-read from L2, not from DRAM.
+  const float inv_zs = static_cast<float>(1.0 / zs_d);
+  const float inv_zt = static_cast<float>(1.0 / zt_d);
+  const float delta = static_cast<float>(std::log1p(dz_d / zt_d));
+  const float wkl = w.kl;
   const float wce_1 = static_cast<float>(w.ce / z1_d);
   const float wce = w.ce, wmse = w.mse;
   const float* e1 = share ? keep_s : keep_1;
-#pragma omp simd
-  for (int64_t j = 0; j < V; ++j) {
-    float gv = 0.0f;
-    if constexpr (KL) gv += wkl_s * keep_s[j] - wkl_t * keep_t[j];
-    if constexpr (CE) gv += wce_1 * e1[j] - (j == label ? wce : 0.0f);
-    if constexpr (MSE) gv += wmse * (load(s, j) - load(t, j));
-    store(g, j, gv);
+  double kl_d = 0.0;
+  auto pass3 = [&](auto grad_tag, int64_t j0, int64_t j1) {
+    constexpr bool kGrad = decltype(grad_tag)::value;
+    float kl = 0.0f;
+#pragma omp simd reduction(+ : kl)
+    for (int64_t j = j0; j < j1; ++j) {
+      float gv = 0.0f;
+      if constexpr (KL) {
+        const float x = load(s, j), y = load(t, j);
+        const float ps = keep_s[j] * inv_zs;
+        const float pt = keep_t[j] * inv_zt;
+        const float v = ((x - y) - dm) * inv_t - delta;
+        // NaN/inf v (-inf logits) take the direct branch, where p_t = 0 terms are dropped
+        // explicitly (0 * inf would be NaN).
+        const bool small = is_small(v);
+        const float phi = exp_minus_1_minus_x_small(v);  // e^v - 1 - v
+        const float em1 = phi + v;                       // e^v - 1
+        const float direct_term = (ps - pt) - (pt > 0.0f ? pt * v : 0.0f);
+        kl += small ? pt * phi : direct_term;
+        if constexpr (kGrad) gv += wkl * (small ? pt * em1 : ps - pt);
+      }
+      if constexpr (kGrad) {
+        if constexpr (CE) gv += wce_1 * e1[j] - (j == label ? wce : 0.0f);
+        if constexpr (MSE) gv += wmse * (load(s, j) - load(t, j));
+        store(g, j, gv);
+      }
+    }
+    kl_d += kl;
+  };
+  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+    const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
+    if (g) {
+      pass3(std::true_type{}, j0, j1);
+    } else {
+      pass3(std::false_type{}, j0, j1);
+    }
   }
+  if constexpr (KL) res.kl = static_cast<float>(kl_d * temp * temp);
   return res;
 }
 
