@@ -61,6 +61,17 @@ T* mut_ptr(std::uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
+// Below this many elements a second thread costs more than it saves: waking an OpenMP team is
+// microseconds on an idle machine and milliseconds on a loaded one.
+constexpr int64_t kMinElementsPerThread = 1 << 15;
+
+int effective_threads(int requested, int64_t elements) {
+  int64_t useful = elements / kMinElementsPerThread;
+  if (useful < 1) useful = 1;
+  if (requested < 1) requested = 1;
+  return static_cast<int>(useful < requested ? useful : requested);
+}
+
 // Runs a kernel without the GIL and turns its input errors into ValueError.
 template <typename F>
 void call_kernel(F&& f) {
@@ -155,7 +166,7 @@ PYBIND11_MODULE(_C, m) {
         a.row_mse = mut_ptr<float>(row_mse);
         a.out = mut_ptr<float>(out);
         a.grad = mut_ptr<void>(grad);
-        a.num_threads = num_threads > 0 ? num_threads : 1;
+        a.num_threads = effective_threads(num_threads, rows * cols);
         call_kernel([&] { variant().fused_logits(a); });
       },
       py::arg("student"), py::arg("student_row_stride"), py::arg("teacher"),
@@ -185,7 +196,7 @@ PYBIND11_MODULE(_C, m) {
         a.row_loss = mut_ptr<float>(row_loss);
         a.out = mut_ptr<float>(out);
         a.grad = mut_ptr<void>(grad);
-        a.num_threads = num_threads > 0 ? num_threads : 1;
+        a.num_threads = effective_threads(num_threads, rows * cols);
         call_kernel([&] { variant().cosine(a); });
       },
       py::arg("student"), py::arg("student_row_stride"), py::arg("teacher"),
@@ -197,8 +208,10 @@ PYBIND11_MODULE(_C, m) {
       "all_finite",
       [](std::uintptr_t data, int64_t numel, int dtype, int num_threads) {
         bool ok = true;
-        call_kernel([&] { ok = variant().all_finite(ptr<void>(data), numel, dtype,
-                                                    num_threads > 0 ? num_threads : 1); });
+        call_kernel([&] {
+          ok = variant().all_finite(ptr<void>(data), numel, dtype,
+                                    effective_threads(num_threads, numel));
+        });
         return ok;
       },
       py::arg("data"), py::arg("numel"), py::arg("dtype"), py::arg("num_threads"));

@@ -222,6 +222,9 @@ def register_saved_grad_autograd(op, *, num_inputs: int) -> None:
     def setup_context(ctx, inputs, output):
         grad = output[-1]
         ctx.mark_non_differentiable(*output[1:])
+        # Otherwise autograd hands the backward a zero-filled logits-sized tensor as the
+        # "gradient" of the saved-gradient output: a full extra allocation and write.
+        ctx.set_materialize_grads(False)
         ctx.loss_ndim = output[0].dim()
         # compute_grad is every op's last input; without it (frozen student, teacher requiring
         # grad) the student simply gets no gradient.
@@ -234,7 +237,7 @@ def register_saved_grad_autograd(op, *, num_inputs: int) -> None:
 
     def backward(ctx, grad_loss, *_unused):
         no_grads = (None,) * num_inputs
-        if not ctx.compute_grad:
+        if not ctx.compute_grad or grad_loss is None:
             return no_grads
         if ctx.traced:
             (grad,) = ctx.saved_tensors
