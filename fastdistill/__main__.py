@@ -63,6 +63,13 @@ register_command(
 )
 
 
+# ---- report (runs of fastdistill-train) ------------------------------------------------------
+
+from fastdistill.train import cli as _train_cli  # noqa: E402  (argparse only; torch is already in)
+
+register_command("report", _train_cli.REPORT_HELP, _train_cli.report_arguments, _train_cli.report_run)
+
+
 # ---- entry point ----------------------------------------------------------------------------
 
 
