@@ -67,7 +67,9 @@ register_command(
 
 from fastdistill.train import cli as _train_cli  # noqa: E402  (argparse only; torch is already in)
 
-register_command("report", _train_cli.REPORT_HELP, _train_cli.report_arguments, _train_cli.report_run)
+register_command(
+    "report", _train_cli.REPORT_HELP, _train_cli.report_arguments, _train_cli.report_run
+)
 
 
 # ---- entry point ----------------------------------------------------------------------------

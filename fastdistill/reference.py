@@ -22,6 +22,14 @@ from torch import Tensor
 COSINE_EPS = 1e-12
 
 
+def select_rows(x: Tensor, selected: Tensor | None) -> Tensor:
+    """``x`` with unselected rows replaced by zeros, so that NaN/inf data in padding rows can
+    reach neither the loss nor (through 0 * NaN in a backward) the gradient."""
+    if selected is None:
+        return x
+    return torch.where(selected.unsqueeze(-1), x, 0.0)
+
+
 def reduce_rows(row: Tensor, mask: Tensor | None, reduction: str, cols: int) -> Tensor:
     """Apply a row reduction to per-row values ``row`` (shape ``lead``)."""
     if mask is not None:
@@ -48,8 +56,8 @@ def kl_div_rows(student_logits: Tensor, teacher_logits: Tensor, temperature: flo
     log_pt = torch.log_softmax(t / temperature, dim=-1)
     pt = log_pt.exp()
     # 0 · log 0 = 0 where the teacher gives a token no mass, even where the student's is -inf
-    # (nn.KLDivLoss would produce NaN there).
-    elem = torch.where(pt > 0, pt * (log_pt - log_ps), 0.0)
+    # (nn.KLDivLoss would produce NaN there). `pt == 0`, not `pt > 0`: NaN must stay NaN.
+    elem = torch.where(pt == 0, 0.0, pt * (log_pt - log_ps))
     return elem.sum(-1) * (temperature * temperature)
 
 
@@ -62,7 +70,8 @@ def kl_div_loss(
     reduction: str = "batchmean",
 ) -> Tensor:
     """T² · KL(teacher ‖ student) at temperature T, reduced over the selected rows."""
-    row = kl_div_rows(student_logits, teacher_logits, temperature)
+    s, t = select_rows(student_logits, mask), select_rows(teacher_logits, mask)
+    row = kl_div_rows(s, t, temperature)
     return reduce_rows(row, mask, reduction, student_logits.shape[-1])
 
 
@@ -75,7 +84,8 @@ def mse_loss(
     student: Tensor, teacher: Tensor, *, mask: Tensor | None = None, reduction: str = "batchmean"
 ) -> Tensor:
     """Squared error summed over the last dim and the selected rows, then reduced."""
-    return reduce_rows(mse_rows(student, teacher), mask, reduction, student.shape[-1])
+    row = mse_rows(select_rows(student, mask), select_rows(teacher, mask))
+    return reduce_rows(row, mask, reduction, student.shape[-1])
 
 
 def cosine_rows(student_hidden: Tensor, teacher_hidden: Tensor) -> Tensor:
@@ -95,7 +105,7 @@ def cosine_loss(
     reduction: str = "mean",
 ) -> Tensor:
     """Mean (or sum/none) over selected rows of 1 − cos(s, t)."""
-    row = cosine_rows(student_hidden, teacher_hidden)
+    row = cosine_rows(select_rows(student_hidden, mask), select_rows(teacher_hidden, mask))
     # For cosine "mean" is per row, like CosineEmbeddingLoss: the row count, not rows * C.
     return reduce_rows(row, mask, "batchmean" if reduction == "mean" else reduction, 1)
 
@@ -103,6 +113,7 @@ def cosine_loss(
 def cross_entropy_rows(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
     """Per-row logsumexp(x) − x[label] (0 where ignored) and the selection mask."""
     valid = labels != ignore_index
+    logits = select_rows(logits, valid)
     safe = torch.where(valid, labels, 0)
     picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     row = torch.logsumexp(logits, dim=-1) - picked

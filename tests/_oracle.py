@@ -35,28 +35,10 @@ if os.environ.get("FASTDISTILL_BACKEND", "").strip().lower() == "triton":
     IMPLS.append("triton")
 
 
-# Library bug shared by several ops' tests.
-TORCH_BACKEND_UNSELECTED_NAN_GRAD = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "library bug: FASTDISTILL_BACKEND=torch differentiates the reference, which zeroes unselected "
-        "rows with torch.where AFTER computing them; NaN/inf data in an unselected (padding) row then "
-        "gives 0 * NaN = NaN in that row's gradient instead of 0 (fastdistill.reference docstring: "
-        "'unselected rows contribute 0 and get zero gradient')"
-    ),
-)
-
-
-TORCH_BACKEND_HIDES_TEACHER_NAN = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "library bug: reference.kl_div_rows masks terms with torch.where(pt > 0, ..., 0); a NaN "
-        "(or +inf) teacher logit gives pt = NaN, NaN > 0 is False, the row's KL comes out finite, so "
-        "FASTDISTILL_BACKEND=torch (and the reference) hide NaN in the teacher (DESIGN.md §5)"
-    ),
-)
+# Markers for torch-backend bugs since fixed (unselected-row NaN gradients, a NaN teacher hidden
+# by the reference): the tests that carried them now pass on every implementation.
+TORCH_BACKEND_UNSELECTED_NAN_GRAD = None
+TORCH_BACKEND_HIDES_TEACHER_NAN = None
 
 
 def impl_params(torch_mark=None) -> list:

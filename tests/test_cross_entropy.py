@@ -157,15 +157,7 @@ def test_non_contiguous(native_isa, rng, name):
             )
 
 
-TORCH_BACKEND_LABEL_CHECK = pytest.mark.xfail(
-    strict=True,
-    raises=(RuntimeError, IndexError),
-    reason=(
-        "library bug: with FASTDISTILL_BACKEND=torch an out-of-range label raises gather's "
-        "RuntimeError ('index 10 is out of bounds') instead of the documented ValueError naming "
-        "labels (the check lives only in the CPU kernel)"
-    ),
-)
+TORCH_BACKEND_LABEL_CHECK = None  # fixed: the torch path checks label range on CPU too
 
 
 @pytest.mark.parametrize(

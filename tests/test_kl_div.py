@@ -8,7 +8,6 @@ import pytest
 import torch
 from _oracle import (
     IMPLS,
-    TORCH_BACKEND_HIDES_TEACHER_NAN,
     TORCH_BACKEND_UNSELECTED_NAN_GRAD,
     Rng,
     assert_garbage_ignored,
@@ -317,9 +316,7 @@ def test_non_contiguous(native_isa, rng, name, dtype):
             i,
             b,
             id=f"{i.replace(':', '-')}-{b}",
-            marks=[TORCH_BACKEND_HIDES_TEACHER_NAN]
-            if i == "torch" and b.startswith("teacher")
-            else [],
+            marks=[],
         )
         for i in IMPLS
         for b in ("student-nan", "teacher-nan", "student-inf", "teacher-inf")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastdistill import ops
+from fastdistill import ops, reference
+from fastdistill.backend import select_backend
 from fastdistill.ops._common import (
     check_float_tensor,
     check_int,
@@ -23,6 +24,26 @@ from fastdistill.ops._common import (
     check_weight,
     wants_grad,
 )
+
+
+def _use_reference(op: str, x: Tensor) -> bool:
+    """FASTDISTILL_BACKEND=torch, or a device with no kernel: run fastdistill.reference directly
+    (fp32 math, plain autograd, traceable by torch.compile) instead of the op."""
+    return select_backend(op, x.device) == "torch"
+
+
+def _check_label_range(labels: Tensor, classes: int, ignore_index: int) -> None:
+    """Out-of-range labels are a ValueError on CPU (the native kernel checks them itself). On an
+    accelerator this would need a host sync, so there it is left to the kernel/gather."""
+    if labels.device.type != "cpu" or labels.numel() == 0 or torch.compiler.is_compiling():
+        return  # (a data-dependent branch would break a fullgraph trace)
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= classes))
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(
+            f"invalid labels: value {first} is outside [0, {classes}) and not ignore_index "
+            f"({ignore_index})"
+        )
 
 
 def kl_div_loss(
@@ -53,6 +74,10 @@ def kl_div_loss(
     temperature = check_temperature(temperature)
     mask = check_mask(mask, s.shape[:-1], s.device)
     reduction = check_reduction(reduction, ops.kl_div.REDUCTIONS)
+    if _use_reference("kl_div", s):
+        return reference.kl_div_loss(
+            s.float(), t.float(), temperature=temperature, mask=mask, reduction=reduction
+        )
     loss, _ = ops.kl_div.kl_div(s, t, mask, temperature, reduction, wants_grad(s))
     return loss
 
@@ -73,6 +98,8 @@ def mse_loss(
     s, t = check_pair(student, teacher, "student", "teacher")
     mask = check_mask(mask, s.shape[:-1], s.device)
     reduction = check_reduction(reduction, ops.mse.REDUCTIONS)
+    if _use_reference("mse", s):
+        return reference.mse_loss(s.float(), t.float(), mask=mask, reduction=reduction)
     loss, _ = ops.mse.mse(s, t, mask, reduction, wants_grad(s))
     return loss
 
@@ -93,6 +120,8 @@ def cosine_loss(
     s, t = check_pair(student_hidden, teacher_hidden, "student_hidden", "teacher_hidden")
     mask = check_mask(mask, s.shape[:-1], s.device)
     reduction = check_reduction(reduction, ops.cosine.REDUCTIONS)
+    if _use_reference("cosine", s):
+        return reference.cosine_loss(s.float(), t.float(), mask=mask, reduction=reduction)
     loss, _ = ops.cosine.cosine(s, t, mask, reduction, wants_grad(s))
     return loss
 
@@ -114,6 +143,11 @@ def cross_entropy(
     labels = check_labels(labels, x.shape[:-1], x.device)
     ignore_index = check_int(ignore_index, "ignore_index")
     reduction = check_reduction(reduction, ops.cross_entropy.REDUCTIONS)
+    if _use_reference("cross_entropy", x):
+        _check_label_range(labels, x.shape[-1], ignore_index)
+        return reference.cross_entropy(
+            x.float(), labels, ignore_index=ignore_index, reduction=reduction
+        )
     loss, _ = ops.cross_entropy.cross_entropy(x, labels, ignore_index, reduction, wants_grad(x))
     return loss
 
@@ -151,6 +185,20 @@ def distillation_loss(
         raise ValueError("alpha_ce > 0 needs labels (the hard targets for the cross-entropy term)")
     if alpha_kl == 0 and alpha_ce == 0 and alpha_mse == 0:
         raise ValueError("at least one of alpha_kl, alpha_ce, alpha_mse must be > 0")
+    if _use_reference("distillation", s):
+        if labels is not None and alpha_ce > 0:
+            _check_label_range(labels, s.shape[-1], ignore_index)
+        return reference.distillation_loss(
+            s.float(),
+            t.float(),
+            labels=labels,
+            mask=mask,
+            temperature=temperature,
+            alpha_kl=alpha_kl,
+            alpha_ce=alpha_ce,
+            alpha_mse=alpha_mse,
+            ignore_index=ignore_index,
+        )
     total, components, _ = ops.distillation.distillation(
         s, t, labels, mask, temperature, alpha_kl, alpha_ce, alpha_mse, ignore_index, wants_grad(s)
     )
@@ -177,4 +225,9 @@ def all_finite(*tensors: Tensor | None) -> Tensor:
         if t.device != device:
             raise ValueError(f"all_finite got tensors on {device} and {t.device}; use one device")
     with torch.no_grad():
+        if _use_reference("all_finite", present[0]):
+            floats = [t for t in present if t.is_floating_point() or t.is_complex()]
+            if not floats:
+                return torch.ones((), dtype=torch.bool, device=device)
+            return reference.all_finite(*floats)
         return ops.all_finite.all_finite([t.detach() for t in present])

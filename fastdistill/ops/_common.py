@@ -4,12 +4,13 @@ autograd rule for ops that compute their gradient during the forward pass."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from fastdistill import _native
+from fastdistill.backend import BackendUnavailableError
 
 # ---- validation (DESIGN.md §5: bad input raises ValueError/TypeError naming the argument) -----
 
@@ -173,34 +174,15 @@ def alloc_grad(student: Tensor, compute_grad: bool) -> Tensor:
     return grad
 
 
-# ---- reference fallback inside an op (FASTDISTILL_BACKEND=torch or no kernel for the device) --
+# ---- backend errors ----------------------------------------------------------------------------
 
 
-def reference_value_and_grad(
-    fn: Callable[[Tensor], Tensor | tuple[Tensor, ...]], student: Tensor, compute_grad: bool
-) -> tuple[tuple[Tensor, ...], Tensor]:
-    """Run a reference loss on an fp32 copy of the student and return (outputs, d out[0]/d student).
-
-    The gradient is of ``out[0].sum()``: rows are independent, so for ``reduction="none"`` the
-    backward's per-row scaling gives the exact vector-Jacobian product.
-    """
-    s = student.detach().float()
-    if not compute_grad:
-        with torch.no_grad():
-            out = fn(s)
-        outs = out if isinstance(out, tuple) else (out,)
-        return tuple(o.float() for o in outs), student.new_empty((0,))
-
-    # torch.func, not torch.autograd.grad: this runs inside the op's kernel, below the Autograd
-    # dispatch key, where tensors record no graph; functorch's transform brings its own.
-    def first_and_all(x: Tensor):
-        out = fn(x)
-        outs = out if isinstance(out, tuple) else (out,)
-        outs = tuple(o.float() for o in outs)
-        return outs[0].sum(), outs
-
-    grad, outs = torch.func.grad(first_and_all, has_aux=True)(s)
-    return outs, grad.to(student.dtype)
+def unsupported(message: str) -> BackendUnavailableError:
+    """The error a raw op raises when the selected backend has no kernel for the device."""
+    return BackendUnavailableError(
+        f"{message}. The ops run kernels only; FASTDISTILL_BACKEND=torch (and devices without a "
+        "kernel) are served by fastdistill.losses, which calls fastdistill.reference directly."
+    )
 
 
 # ---- autograd for ops that return (loss, ..., grad) ------------------------------------------

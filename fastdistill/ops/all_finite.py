@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastdistill import _native, reference
+from fastdistill import _native
 from fastdistill.backend import select_backend
+from fastdistill.ops._common import unsupported
 
 
 def _float_tensors(tensors: list[Tensor]) -> list[Tensor]:
@@ -28,8 +29,6 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
     backend = select_backend("all_finite", device)
     if not floats:
         return torch.ones((), dtype=torch.bool, device=device)
-    if backend == "torch":
-        return reference.all_finite(*floats)
     if backend == "native" and device.type == "cpu":
         core = _native.core()
         ok = True
@@ -43,7 +42,7 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
             if not ok:
                 break
         return torch.tensor(ok, dtype=torch.bool)
-    raise NotImplementedError(f"all_finite has no {backend} kernel for {device.type}")
+    raise unsupported(f"all_finite has no {backend} kernel for {device.type}")
 
 
 @all_finite.register_fake

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastdistill import _native, reference
+from fastdistill import _native
 from fastdistill.backend import select_backend
 from fastdistill.ops._common import (
     alloc_grad,
@@ -17,8 +17,8 @@ from fastdistill.ops._common import (
     check_pair,
     empty_grad,
     flat_rows,
-    reference_value_and_grad,
     register_saved_grad_autograd,
+    unsupported,
 )
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -60,15 +60,6 @@ def cosine(
 ) -> tuple[Tensor, Tensor]:
     """Returns (loss in float32, d loss/d student_hidden or an empty tensor)."""
     backend = select_backend("cosine", student_hidden.device)
-    if backend == "torch":
-        (loss,), grad = reference_value_and_grad(
-            lambda s: reference.cosine_loss(
-                s, teacher_hidden.float(), mask=mask, reduction=reduction
-            ),
-            student_hidden,
-            compute_grad,
-        )
-        return loss, grad
     if backend == "native" and student_hidden.device.type == "cpu":
         return _cosine_native(
             student_hidden,
@@ -77,7 +68,7 @@ def cosine(
             reduction,
             alloc_grad(student_hidden, compute_grad),
         )
-    raise NotImplementedError(f"cosine has no {backend} kernel for {student_hidden.device.type}")
+    raise unsupported(f"cosine has no {backend} kernel for {student_hidden.device.type}")
 
 
 @cosine.register_fake

@@ -7,13 +7,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastdistill import _native, reference
+from fastdistill import _native
 from fastdistill.backend import select_backend
 from fastdistill.ops._common import (
     alloc_grad,
     empty_grad,
-    reference_value_and_grad,
     register_saved_grad_autograd,
+    unsupported,
 )
 from fastdistill.ops._fused_logits import Terms, fused_logits_native
 
@@ -26,15 +26,6 @@ def cross_entropy(
 ) -> tuple[Tensor, Tensor]:
     """Returns (loss in float32, d loss/d logits or an empty tensor)."""
     backend = select_backend("cross_entropy", logits.device)
-    if backend == "torch":
-        (loss,), grad = reference_value_and_grad(
-            lambda x: reference.cross_entropy(
-                x, labels, ignore_index=ignore_index, reduction=reduction
-            ),
-            logits,
-            compute_grad,
-        )
-        return loss, grad
     if backend == "native" and logits.device.type == "cpu":
         norm = _native.NORM_ROWS if reduction == "mean" else _native.NORM_SUM
         res = fused_logits_native(
@@ -49,7 +40,7 @@ def cross_entropy(
         )
         loss = res.row_ce if reduction == "none" else res.out[2].clone()
         return loss, res.grad
-    raise NotImplementedError(f"cross_entropy has no {backend} kernel for {logits.device.type}")
+    raise unsupported(f"cross_entropy has no {backend} kernel for {logits.device.type}")
 
 
 @cross_entropy.register_fake

@@ -15,13 +15,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastdistill import _native, reference
+from fastdistill import _native
 from fastdistill.backend import select_backend
 from fastdistill.ops._common import (
     alloc_grad,
     empty_grad,
-    reference_value_and_grad,
     register_saved_grad_autograd,
+    unsupported,
 )
 from fastdistill.ops._fused_logits import Terms, fused_logits_native
 
@@ -41,23 +41,6 @@ def distillation(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (total, components [kl, ce, mse], d total/d student_logits or an empty tensor)."""
     backend = select_backend("distillation", student_logits.device)
-    if backend == "torch":
-        (total, kl, ce, mse), grad = reference_value_and_grad(
-            lambda s: reference.distillation_loss(
-                s,
-                teacher_logits.float(),
-                labels=labels,
-                mask=mask,
-                temperature=temperature,
-                alpha_kl=alpha_kl,
-                alpha_ce=alpha_ce,
-                alpha_mse=alpha_mse,
-                ignore_index=ignore_index,
-            ),
-            student_logits,
-            compute_grad,
-        )
-        return total, torch.stack([kl, ce, mse]), grad
     if backend == "native" and student_logits.device.type == "cpu":
         terms = Terms(
             kl=alpha_kl > 0,
@@ -81,9 +64,7 @@ def distillation(
             grad=alloc_grad(student_logits, compute_grad),
         )
         return res.out[0].clone(), res.out[1:].clone(), res.grad
-    raise NotImplementedError(
-        f"distillation has no {backend} kernel for {student_logits.device.type}"
-    )
+    raise unsupported(f"distillation has no {backend} kernel for {student_logits.device.type}")
 
 
 @distillation.register_fake

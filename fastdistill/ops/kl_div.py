@@ -10,13 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastdistill import reference
 from fastdistill.backend import select_backend
 from fastdistill.ops._common import (
     alloc_grad,
     empty_grad,
-    reference_value_and_grad,
     register_saved_grad_autograd,
+    unsupported,
 )
 from fastdistill.ops._fused_logits import Terms, fused_logits_native, norm_code
 
@@ -34,15 +33,6 @@ def kl_div(
 ) -> tuple[Tensor, Tensor]:
     """Returns (loss in float32, d loss/d student_logits or an empty tensor)."""
     backend = select_backend("kl_div", student_logits.device)
-    if backend == "torch":
-        (loss,), grad = reference_value_and_grad(
-            lambda s: reference.kl_div_loss(
-                s, teacher_logits.float(), temperature=temperature, mask=mask, reduction=reduction
-            ),
-            student_logits,
-            compute_grad,
-        )
-        return loss, grad
     if backend == "native" and student_logits.device.type == "cpu":
         res = fused_logits_native(
             student_logits,
@@ -56,7 +46,7 @@ def kl_div(
         )
         loss = res.row_kl if reduction == "none" else res.out[1].clone()
         return loss, res.grad
-    raise NotImplementedError(f"kl_div has no {backend} kernel for {student_logits.device.type}")
+    raise unsupported(f"kl_div has no {backend} kernel for {student_logits.device.type}")
 
 
 @kl_div.register_fake

@@ -7,13 +7,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastdistill import reference
 from fastdistill.backend import select_backend
 from fastdistill.ops._common import (
     alloc_grad,
     empty_grad,
-    reference_value_and_grad,
     register_saved_grad_autograd,
+    unsupported,
 )
 from fastdistill.ops._fused_logits import Terms, fused_logits_native, norm_code
 
@@ -26,13 +25,6 @@ def mse(
 ) -> tuple[Tensor, Tensor]:
     """Returns (loss in float32, d loss/d student or an empty tensor)."""
     backend = select_backend("mse", student.device)
-    if backend == "torch":
-        (loss,), grad = reference_value_and_grad(
-            lambda s: reference.mse_loss(s, teacher.float(), mask=mask, reduction=reduction),
-            student,
-            compute_grad,
-        )
-        return loss, grad
     if backend == "native" and student.device.type == "cpu":
         res = fused_logits_native(
             student,
@@ -45,7 +37,7 @@ def mse(
         )
         loss = res.row_mse if reduction == "none" else res.out[3].clone()
         return loss, res.grad
-    raise NotImplementedError(f"mse has no {backend} kernel for {student.device.type}")
+    raise unsupported(f"mse has no {backend} kernel for {student.device.type}")
 
 
 @mse.register_fake
