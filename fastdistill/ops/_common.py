@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fastdistill import _native
+from fastdistill import _buffers, _native
 from fastdistill.backend import BackendUnavailableError
 
 # ---- validation (DESIGN.md §5: bad input raises ValueError/TypeError naming the argument) -----
@@ -148,10 +148,6 @@ def flat_rows(x: Tensor | None, dtype: torch.dtype | None = None) -> Tensor | No
     return x.contiguous()
 
 
-# Below this size first-touch page faults are cheap and huge pages would only waste memory.
-_HUGEPAGE_MIN_BYTES = 8 << 20
-
-
 def empty_grad(student: Tensor, compute_grad: bool) -> Tensor:
     """Gradient buffer with the student's shape, or an empty placeholder when none is needed.
     (Also the fake/meta implementation: no data access here.)"""
@@ -161,17 +157,11 @@ def empty_grad(student: Tensor, compute_grad: bool) -> Tensor:
 
 
 def alloc_grad(student: Tensor, compute_grad: bool) -> Tensor:
-    """``empty_grad`` for a kernel about to write it: large CPU buffers get huge pages."""
-    grad = empty_grad(student, compute_grad)
-    nbytes = grad.numel() * grad.element_size()
-    if (
-        compute_grad
-        and grad.device.type == "cpu"
-        and nbytes >= _HUGEPAGE_MIN_BYTES
-        and _native.available()
-    ):
-        _native.core().advise_hugepages(grad.data_ptr(), nbytes)
-    return grad
+    """``empty_grad`` for a kernel about to write it: large CPU buffers come from the reuse pool
+    (fastdistill._buffers), which spares each step the page faults of fresh memory."""
+    if compute_grad and student.device.type == "cpu":
+        return _buffers.empty_cpu(student.shape, student.dtype)
+    return empty_grad(student, compute_grad)
 
 
 # ---- backend errors ----------------------------------------------------------------------------
