@@ -47,7 +47,10 @@ def native_cuda_built() -> bool:
 
 def _has_triton_kernel(op: str) -> bool:
     # Triton kernels land per op in fastdistill/triton/<op>.py (issue 3); none exist yet.
-    return importlib.util.find_spec(f"fastdistill.triton.{op}") is not None
+    try:
+        return importlib.util.find_spec(f"fastdistill.triton.{op}") is not None
+    except ModuleNotFoundError:  # the package itself is missing (e.g. a trimmed install)
+        return False
 
 
 def available_backends(op: str, device: torch.device) -> list[str]:
