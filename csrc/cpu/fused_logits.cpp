@@ -106,12 +106,14 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
   float* keep_s = nullptr;
   float* keep_t = nullptr;
   float* keep_1 = nullptr;
+  float* keep_u = nullptr;  // u = (s - t - (ms - mt)) / T, see pass 3
   if (keep) {
     thread_local std::vector<float> scratch;
-    if (scratch.size() < static_cast<size_t>(3 * V)) scratch.resize(static_cast<size_t>(3 * V));
+    if (scratch.size() < static_cast<size_t>(4 * V)) scratch.resize(static_cast<size_t>(4 * V));
     keep_s = scratch.data();
     keep_t = keep_s + V;
     keep_1 = keep_t + V;
+    keep_u = keep_1 + V;
   }
   // Sums run in fp32 SIMD lanes within a block and in double across blocks: one fp32
   // accumulator per lane over 128k terms loses low bits (loss error ~5e-5 at V = 128256).
@@ -139,6 +141,7 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
         zs += es;
         zt += et;
         const float u = ((x - y) - dm) * inv_t;
+        if constexpr (kKeep) keep_u[j] = u;
         dz += is_small(u) ? et * (exp_minus_1_minus_x_small(u) + u) : es - et;
       }
       if constexpr (CE) {
@@ -205,10 +208,9 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
     for (int64_t j = j0; j < j1; ++j) {
       float gv = 0.0f;
       if constexpr (KL) {
-        const float x = load(s, j), y = load(t, j);
         const float ps = keep_s[j] * inv_zs;
         const float pt = keep_t[j] * inv_zt;
-        const float v = ((x - y) - dm) * inv_t - delta;
+        const float v = keep_u[j] - delta;
         // NaN/inf v (-inf logits) take the direct branch, where p_t = 0 terms are dropped
         // explicitly (0 * inf would be NaN).
         const bool small = is_small(v);
