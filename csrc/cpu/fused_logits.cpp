@@ -72,12 +72,20 @@ inline float row_max(const T* x, int64_t n) {
 }
 
 // One row with the terms KL/CE/MSE switched on at compile time. Returns the unnormalised row
-// values and, if g != nullptr, writes w.kl*T*(p_s - p_t) + w.ce*(p1 - onehot) + w.mse*2*(s - t)
-// (the 2 is folded into w.mse by the caller).
+// values and, if g != nullptr, writes w.kl*(p_s - p_t) + w.ce*(p1 - onehot) + w.mse*(s - t)
+// (the caller folds T into w.kl and the 2 of d(s-t)^2 into w.mse).
 template <typename T, bool KL, bool CE, bool MSE>
 RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t label,
                       RowWeights w, T* g) {
   RowResult res;
+  // Rows whose softmax is undefined propagate NaN (the reference gives NaN too), never hide it.
+  auto nan_row = [&] {
+    if (KL) res.kl = kNaN;
+    if (CE) res.ce = kNaN;
+    if (MSE) res.mse = kNaN;
+    if (g) fill_row(g, V, kNaN);
+    return res;
+  };
   const float inv_t = 1.0f / temp;
   float ms = 0.0f, mt = 0.0f;
   if constexpr (KL || CE) {
@@ -87,15 +95,8 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
       mt = row_max(t, V);
       bad = bad || !is_finite(mt);
     }
-    if (bad) {
-      // NaN/+inf in a row, or a row that is entirely -inf: the softmax is undefined there.
-      // Propagate NaN (the reference gives NaN too) instead of hiding it.
-      if (KL) res.kl = kNaN;
-      if (CE) res.ce = kNaN;
-      if (MSE) res.mse = kNaN;
-      if (g) fill_row(g, V, kNaN);
-      return res;
-    }
+    // NaN/+inf in a row, or a row that is entirely -inf: the softmax is undefined there.
+    if (bad) return nan_row();
   }
 
   // The CE softmax is at temperature 1; with T == 1 it is the KL student softmax.
@@ -172,13 +173,7 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
   }
   if (share) z1_d = zs_d;
   // NaN anywhere in the row has made a softmax sum NaN: same treatment as a bad max above.
-  if ((KL && !std::isfinite(zs_d + zt_d)) || (CE && !std::isfinite(z1_d))) {
-    if (KL) res.kl = kNaN;
-    if (CE) res.ce = kNaN;
-    if (MSE) res.mse = kNaN;
-    if (g) fill_row(g, V, kNaN);
-    return res;
-  }
+  if ((KL && !std::isfinite(zs_d + zt_d)) || (CE && !std::isfinite(z1_d))) return nan_row();
   const double log_z1 = std::log(z1_d);
   if constexpr (CE) {
     res.ce = static_cast<float>(static_cast<double>(ms) + log_z1 - load(s, label));
@@ -192,7 +187,8 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
   //   KL        = sum p_t (e^v - 1 - v)      (every term >= 0; first-order insensitive to delta)
   //   p_s - p_t = p_t expm1(v).
   // Small |v| uses the series of e^v - 1 - v and expm1 (nothing cancels); large |v| uses the
-  // direct forms, which are accurate there. s and t are re-read from L2, not from DRAM.
+  // direct forms, which are accurate there. Pass 3 reads pass 2's scratch (e_s, e_t, u), not the
+  // logits rows; only the MSE term re-reads them (from L2).
   const float inv_zs = static_cast<float>(1.0 / zs_d);
   const float inv_zt = static_cast<float>(1.0 / zt_d);
   const float delta = static_cast<float>(std::log1p(dz_d / zt_d));
@@ -283,18 +279,17 @@ void run(const FusedLogitsArgs& a) {
     const bool sel = a.mask ? a.mask[r] != 0 : true;
     const int64_t label = CE ? a.labels[r] : a.ignore_index;
     const bool kl = KL && sel, mse = MSE && sel, ce = CE && label != a.ignore_index;
-    const RowWeights w = full;
     // Runtime row flags -> compile-time row function; only subsets of the op's terms occur.
     const int key = (kl ? 4 : 0) | (ce ? 2 : 0) | (mse ? 1 : 0);
     RowResult res;
     switch (key) {
-      case 7: res = process_row<T, true, true, true>(s, t, V, temp, label, w, g); break;
-      case 6: res = process_row<T, true, true, false>(s, t, V, temp, label, w, g); break;
-      case 5: res = process_row<T, true, false, true>(s, t, V, temp, label, w, g); break;
-      case 4: res = process_row<T, true, false, false>(s, t, V, temp, label, w, g); break;
-      case 3: res = process_row<T, false, true, true>(s, t, V, temp, label, w, g); break;
-      case 2: res = process_row<T, false, true, false>(s, t, V, temp, label, w, g); break;
-      case 1: res = process_row<T, false, false, true>(s, t, V, temp, label, w, g); break;
+      case 7: res = process_row<T, true, true, true>(s, t, V, temp, label, full, g); break;
+      case 6: res = process_row<T, true, true, false>(s, t, V, temp, label, full, g); break;
+      case 5: res = process_row<T, true, false, true>(s, t, V, temp, label, full, g); break;
+      case 4: res = process_row<T, true, false, false>(s, t, V, temp, label, full, g); break;
+      case 3: res = process_row<T, false, true, true>(s, t, V, temp, label, full, g); break;
+      case 2: res = process_row<T, false, true, false>(s, t, V, temp, label, full, g); break;
+      case 1: res = process_row<T, false, false, true>(s, t, V, temp, label, full, g); break;
       default:
         if (g) fill_row(g, V, 0.0f);
         break;
