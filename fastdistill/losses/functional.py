@@ -14,6 +14,7 @@ from torch import Tensor
 from fastdistill import ops, reference
 from fastdistill.backend import select_backend
 from fastdistill.ops._common import (
+    check_alphas,
     check_float_tensor,
     check_int,
     check_labels,
@@ -21,7 +22,6 @@ from fastdistill.ops._common import (
     check_pair,
     check_reduction,
     check_temperature,
-    check_weight,
     wants_grad,
 )
 
@@ -174,17 +174,13 @@ def distillation_loss(
     """
     s, t = check_pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
     temperature = check_temperature(temperature)
-    alpha_kl = check_weight(alpha_kl, "alpha_kl")
-    alpha_ce = check_weight(alpha_ce, "alpha_ce")
-    alpha_mse = check_weight(alpha_mse, "alpha_mse")
+    alpha_kl, alpha_ce, alpha_mse = check_alphas(alpha_kl, alpha_ce, alpha_mse)
     ignore_index = check_int(ignore_index, "ignore_index")
     mask = check_mask(mask, s.shape[:-1], s.device)
     if labels is not None:
         labels = check_labels(labels, s.shape[:-1], s.device)
     if alpha_ce > 0 and labels is None:
         raise ValueError("alpha_ce > 0 needs labels (the hard targets for the cross-entropy term)")
-    if alpha_kl == 0 and alpha_ce == 0 and alpha_mse == 0:
-        raise ValueError("at least one of alpha_kl, alpha_ce, alpha_mse must be > 0")
     if _use_reference("distillation", s):
         if labels is not None and alpha_ce > 0:
             _check_label_range(labels, s.shape[-1], ignore_index)
@@ -226,7 +222,7 @@ def all_finite(*tensors: Tensor | None) -> Tensor:
             raise ValueError(f"all_finite got tensors on {device} and {t.device}; use one device")
     with torch.no_grad():
         if _use_reference("all_finite", present[0]):
-            floats = [t for t in present if t.is_floating_point() or t.is_complex()]
+            floats = ops.all_finite.float_tensors(present)
             if not floats:
                 return torch.ones((), dtype=torch.bool, device=device)
             return reference.all_finite(*floats)

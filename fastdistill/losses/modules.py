@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from fastdistill import ops
 from fastdistill.losses import functional as F
-from fastdistill.ops._common import check_int, check_reduction, check_temperature, check_weight
+from fastdistill.ops._common import check_alphas, check_int, check_reduction, check_temperature
 
 
 class KLDivLoss(nn.Module):
@@ -91,11 +91,7 @@ class DistillationLoss(nn.Module):
     ):
         super().__init__()
         self.temperature = check_temperature(temperature)
-        self.alpha_kl = check_weight(alpha_kl, "alpha_kl")
-        self.alpha_ce = check_weight(alpha_ce, "alpha_ce")
-        self.alpha_mse = check_weight(alpha_mse, "alpha_mse")
-        if self.alpha_kl == 0 and self.alpha_ce == 0 and self.alpha_mse == 0:
-            raise ValueError("at least one of alpha_kl, alpha_ce, alpha_mse must be > 0")
+        self.alpha_kl, self.alpha_ce, self.alpha_mse = check_alphas(alpha_kl, alpha_ce, alpha_mse)
         self.ignore_index = check_int(ignore_index, "ignore_index")
 
     def forward(

@@ -104,6 +104,20 @@ def check_weight(value: object, name: str) -> float:
     return value
 
 
+def check_alphas(
+    alpha_kl: object, alpha_ce: object, alpha_mse: object
+) -> tuple[float, float, float]:
+    """The three distillation weights: each finite and >= 0, and not all zero."""
+    weights = (
+        check_weight(alpha_kl, "alpha_kl"),
+        check_weight(alpha_ce, "alpha_ce"),
+        check_weight(alpha_mse, "alpha_mse"),
+    )
+    if not any(weights):
+        raise ValueError("at least one of alpha_kl, alpha_ce, alpha_mse must be > 0")
+    return weights
+
+
 def check_reduction(reduction: object, allowed: Sequence[str]) -> str:
     if reduction not in allowed:
         raise ValueError(

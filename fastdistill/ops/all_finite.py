@@ -12,7 +12,8 @@ from fastdistill.backend import select_backend
 from fastdistill.ops._common import unsupported
 
 
-def _float_tensors(tensors: list[Tensor]) -> list[Tensor]:
+def float_tensors(tensors: list[Tensor]) -> list[Tensor]:
+    """The tensors that can hold NaN/inf: floating point, and complex viewed as real pairs."""
     out = []
     for t in tensors:
         if t.is_complex():
@@ -25,7 +26,7 @@ def _float_tensors(tensors: list[Tensor]) -> list[Tensor]:
 @torch.library.custom_op("fastdistill::all_finite", mutates_args=())
 def all_finite(tensors: list[Tensor]) -> Tensor:
     device = tensors[0].device
-    floats = _float_tensors(tensors)
+    floats = float_tensors(tensors)
     backend = select_backend("all_finite", device)
     if not floats:
         return torch.ones((), dtype=torch.bool, device=device)
