@@ -5,7 +5,9 @@ the fused losses of :mod:`fastdistill.losses`.
 Modules, in the order a run uses them: ``config`` (the dataclass and its command line), ``data``
 (text → cached tokens → batches, MLM masking), ``student`` (students initialised from teacher
 layers), ``loop`` (the distiller), ``checkpoint``, ``metrics`` (JSONL, tensorboard, figure),
-``demo`` (the embedded default run) and ``cli``.
+``demo`` (the embedded default run) and ``cli``. The question-answering task (``--task squad``):
+``squad_data`` (SQuAD files → windows, feature cache, batches), ``squad`` (its loss and
+evaluation), ``squad_decode`` (logits → answers) and ``squad_metrics`` (the official metrics).
 """
 
 from fastdistill.train.config import TrainConfig

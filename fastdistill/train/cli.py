@@ -22,16 +22,20 @@ from fastdistill.train.config import add_config_arguments, config_from_args
 
 DESCRIPTION = (
     "Distil a Hugging Face teacher into a smaller student with the DistilBERT recipe (soft-target "
-    "KL at temperature T, hard MLM/CLM loss, logit MSE, hidden-state cosine) using fastdistill's "
-    "fused losses. With no arguments, runs the embedded demo: trains a small BERT teacher on the "
-    "shipped public-domain corpus and distils it into a half-depth student (a few minutes on 2 CPU "
-    "cores)."
+    "KL at temperature T, hard MLM/CLM loss, logit MSE, hidden-state cosine; SQuAD: KL on the "
+    "start/end logits plus the QA loss, official EM/F1) using fastdistill's fused losses. With "
+    "no arguments, runs the embedded demo: trains a small BERT teacher on the shipped "
+    "public-domain corpus and distils it into a half-depth student (a few minutes on 2 CPU cores)."
 )
 EPILOG = (
     "Examples:\n"
     "  fastdistill-train                      # the embedded demo (also: --demo)\n"
     "  fastdistill-train --teacher ./bert --train-files a.txt b.txt --output-dir runs/x\n"
     "  fastdistill-train --config run.yaml --max-steps 1000   # flags override the file\n"
+    "  fastdistill-train --task squad --teacher ./bert-squad --student-config ./small \\\n"
+    "      --train-files train-v2.0.json --eval-files dev-v2.0.json --output-dir runs/qa\n"
+    "  fastdistill-train --task squad --do-eval --student-pretrained runs/qa/final \\\n"
+    "      --eval-files dev-v2.0.json --output-dir runs/qa-eval   # evaluate only\n"
     "  torchrun --nproc-per-node 2 -m fastdistill.train.cli --config run.yaml\n"
     "  fastdistill report runs/x             # redraw runs/x/metrics.png and print the summary\n"
     "Exit status: 0 done, 1 the run stopped (message says why), 2 bad usage/config, 130 interrupted."
@@ -111,7 +115,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dumps(
                 {
                     k: summary[k]
-                    for k in ("steps", "skipped_steps", "eval_before", "eval_after", "figure")
+                    for k in (
+                        "steps",
+                        "skipped_steps",
+                        "eval_before",
+                        "eval_after",
+                        "eval",
+                        "figure",
+                    )
                     if k in summary
                 },
                 indent=1,

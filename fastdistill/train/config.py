@@ -4,9 +4,9 @@ command line.
 Every field is a command-line flag (``student_layers`` → ``--student-layers``), generated from the
 dataclass so the two cannot drift; a config file gives the same keys, and flags given on the command
 line override the file. Unknown keys are an error that names them. ``None`` defaults that depend on
-the task (``alpha_kl``, ``alpha_mlm``, ``alpha_clm``, ``alpha_cos``) are filled in by
-:meth:`TrainConfig.resolved`, which also validates everything and raises ``ValueError`` with a
-message naming the field.
+the task (``alpha_kl``, ``alpha_mlm``, ``alpha_clm``, ``alpha_cos``, ``alpha_squad``,
+``max_length``) are filled in by :meth:`TrainConfig.resolved`, which also validates everything and
+raises ``ValueError`` with a message naming the field.
 """
 
 from __future__ import annotations
@@ -22,10 +22,19 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-TASKS = ("mlm", "clm", "hidden")
+TASKS = ("mlm", "clm", "hidden", "squad")
 MIXED_PRECISION = ("none", "bf16", "fp16")
 LOSS_IMPLS = ("fused", "eager")
 DEVICES = ("auto", "cpu", "cuda")
+SQUAD_VERSIONS = ("auto", "v1", "v2")
+# Fields whose flag takes one of a fixed set of values.
+CHOICES = {
+    "task": TASKS,
+    "mixed_precision": MIXED_PRECISION,
+    "loss_impl": LOSS_IMPLS,
+    "device": DEVICES,
+    "squad_version": SQUAD_VERSIONS,
+}
 
 
 def _f(default: Any = None, help: str = "", *, factory: Any = None, metavar: str | None = None):
@@ -42,7 +51,8 @@ class TrainConfig:
     task: str = _f(
         "mlm",
         "mlm: masked-LM teacher (BERT/RoBERTa/DistilBERT); clm: causal-LM teacher (GPT-2); "
-        "hidden: bare encoder teacher, hidden-state cosine/MSE losses only",
+        "hidden: bare encoder teacher, hidden-state cosine/MSE losses only; squad: question "
+        "answering teacher (start/end logits) on SQuAD v1.1/v2.0 JSON",
     )
     teacher: str | None = _f(
         None,
@@ -70,12 +80,14 @@ class TrainConfig:
 
     # ---- data ---------------------------------------------------------------------------------
     train_files: list[str] = _f(
-        help="plain-text training files, one sequence per line (blank lines are skipped)",
+        help="plain-text training files, one sequence per line (blank lines are skipped); "
+        "--task squad: SQuAD JSON files (nested, flat or JSON lines)",
         factory=list,
         metavar="FILE",
     )
     eval_files: list[str] = _f(
-        help="held-out text files: KL/top-1 agreement (cosine for --task hidden) before and after",
+        help="held-out text files: KL/top-1 agreement (cosine for --task hidden) before and after; "
+        "--task squad: SQuAD JSON files scored with the official EM/F1",
         factory=list,
         metavar="FILE",
     )
@@ -84,8 +96,10 @@ class TrainConfig:
         "where tokenised data is cached (default: $FASTDISTILL_CACHE or ~/.cache/fastdistill)",
         metavar="DIR",
     )
-    max_length: int = _f(
-        128, "longest sequence in tokens, special tokens included; longer lines are split"
+    max_length: int | None = _f(
+        None,
+        "longest sequence in tokens, special tokens included (default 128; 384 for --task "
+        "squad); longer lines are split, longer SQuAD contexts cut into overlapping windows",
     )
     min_length: int = _f(
         12, "sequences shorter than this many tokens are dropped (the seed's rule)"
@@ -93,7 +107,9 @@ class TrainConfig:
     max_unknown_fraction: float = _f(
         0.5, "sequences whose share of unknown tokens is at least this are dropped"
     )
-    eval_max_sequences: int = _f(512, "at most this many held-out sequences are evaluated")
+    eval_max_sequences: int = _f(
+        512, "at most this many held-out sequences are evaluated (squad: every question is)"
+    )
 
     # ---- MLM masking (the seed's: 15%, 80/10/10, count^-0.7 smoothing) -----------------------
     mlm_mask_prob: float = _f(0.15, "share of (non-special) tokens selected for prediction")
@@ -105,10 +121,36 @@ class TrainConfig:
         0.7, "selection probability ∝ count^-smoothing, favouring rare tokens (0: uniform)"
     )
 
+    # ---- question answering (--task squad) ------------------------------------------------------
+    doc_stride: int = _f(
+        128,
+        "squad: context tokens between the starts of consecutive windows of a long context (the "
+        "seed's meaning; Hugging Face's run_qa.py uses it as the overlap instead)",
+    )
+    max_query_length: int = _f(64, "squad: questions are cut to this many tokens")
+    squad_version: str = _f(
+        "auto",
+        "squad: v1 (every question has an answer), v2 (unanswerable questions: trained to point "
+        "at [CLS], predicted as no-answer), auto (v2 if any train or eval question has no answer)",
+    )
+    n_best_size: int = _f(20, "squad: candidate answers kept per question (nbest_predictions.json)")
+    max_answer_length: int = _f(30, "squad: longest answer span in tokens")
+    null_score_diff_threshold: float = _f(
+        0.0, "squad v2: predict no answer when null score - best span score exceeds this"
+    )
+    mask_question_and_padding: bool = _f(
+        False,
+        "squad: leave question, separator and padding positions out of the start/end softmax of "
+        "both losses (logits set to -inf for student and teacher; [CLS] stays). Off: the seed's "
+        "softmax over all positions",
+    )
+
     # ---- loss --------------------------------------------------------------------------------
     temperature: float = _f(2.0, "softmax temperature of the soft targets (the KL is scaled by T²)")
     alpha_kl: float | None = _f(
-        None, "weight of KL(teacher ‖ student) at temperature T (default 5.0; 0 for hidden)"
+        None,
+        "weight of KL(teacher ‖ student) at temperature T (default 5.0; 0 for hidden; 0.5 for "
+        "squad, the seed's alpha_ce, applied to (KL_start + KL_end) / 2)",
     )
     alpha_mlm: float | None = _f(
         None, "weight of the hard MLM loss (default 2.0 for --task mlm, else 0)"
@@ -121,7 +163,13 @@ class TrainConfig:
     )
     alpha_cos: float | None = _f(
         None,
-        "weight of 1 - cos(last hidden states) over attended tokens (default 1.0 with a teacher)",
+        "weight of 1 - cos(last hidden states) over attended tokens (default 1.0 with a teacher; "
+        "0 for squad)",
+    )
+    alpha_squad: float | None = _f(
+        None,
+        "squad: weight of the QA loss, (CE_start + CE_end) / 2 (default 0.5 with a teacher, "
+        "1.0 without)",
     )
     restrict_ce_to_mask: bool = _f(
         False, "compute the KL/MSE (mlm) only on the tokens selected for prediction, not all tokens"
@@ -176,6 +224,16 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "checkpoints kept in the run directory (oldest removed)")
     progress_bar: bool = _f(True, "show a progress bar with ETA and tokens/s")
     tensorboard: bool = _f(True, "write tensorboard scalars to RUN_DIR/tensorboard")
+    eval_interval: int | None = _f(
+        None,
+        "optimizer steps between held-out evaluations during training (a multiple of "
+        "--log-interval; default: only before and after)",
+    )
+    do_eval: bool = _f(
+        False,
+        "evaluate --student-pretrained (a final/ directory or a checkpoint) on --eval-files "
+        "without training; results in OUTPUT_DIR/eval_results.json (squad: and OUTPUT_DIR/eval/)",
+    )
     device: str = _f("auto", "auto | cpu | cuda (with torchrun: the local rank's GPU)")
 
     # ------------------------------------------------------------------------------------------
@@ -185,32 +243,43 @@ class TrainConfig:
         if c.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {c.task!r}")
         teacher = c.teacher is not None
+        squad = c.task == "squad"
         if c.alpha_kl is None:
-            c.alpha_kl = 5.0 if teacher and c.task != "hidden" else 0.0
+            c.alpha_kl = (0.5 if squad else 5.0) if teacher and c.task != "hidden" else 0.0
         if c.alpha_mlm is None:
             c.alpha_mlm = 2.0 if c.task == "mlm" else 0.0
         if c.alpha_clm is None:
             c.alpha_clm = 2.0 if c.task == "clm" else 0.0
         if c.alpha_cos is None:
-            c.alpha_cos = 1.0 if teacher else 0.0
+            c.alpha_cos = 1.0 if teacher and not squad else 0.0
+        if c.alpha_squad is None:  # the seed's weights: 0.5 / 0.5 with a teacher
+            c.alpha_squad = (0.5 if teacher else 1.0) if squad else 0.0
+        if c.max_length is None:
+            c.max_length = 384 if squad else 128
         c.validate()
         return c
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field (run on a :meth:`resolved` config)."""
-        for name in ("alpha_kl", "alpha_mlm", "alpha_clm", "alpha_cos"):
+        for name in (
+            "alpha_kl",
+            "alpha_mlm",
+            "alpha_clm",
+            "alpha_cos",
+            "alpha_squad",
+            "max_length",
+        ):
             if getattr(self, name) is None:
                 raise ValueError(f"{name} is unresolved; call TrainConfig.resolved()")
-        _choice("task", self.task, TASKS)
-        _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        _choice("loss_impl", self.loss_impl, LOSS_IMPLS)
-        _choice("device", self.device, DEVICES)
+        for name, choices in CHOICES.items():
+            _choice(name, getattr(self, name), choices)
         for name in (
             "alpha_kl",
             "alpha_mlm",
             "alpha_clm",
             "alpha_mse",
             "alpha_cos",
+            "alpha_squad",
             "weight_decay",
         ):
             _nonneg(name, getattr(self, name))
@@ -226,8 +295,16 @@ class TrainConfig:
             "keep_checkpoints",
             "max_consecutive_skips",
             "eval_max_sequences",
+            "doc_stride",
+            "max_query_length",
+            "n_best_size",
+            "max_answer_length",
         ):
             _positive_int(name, getattr(self, name))
+        if not math.isfinite(self.null_score_diff_threshold):
+            raise ValueError(
+                f"null_score_diff_threshold must be finite, got {self.null_score_diff_threshold}"
+            )
         _nonneg_int("num_epochs", self.num_epochs)
         _nonneg_int("min_length", self.min_length)
         if self.max_steps is not None:
@@ -263,7 +340,24 @@ class TrainConfig:
                 f"save_interval ({self.save_interval}) must be a multiple of log_interval "
                 f"({self.log_interval}): checkpoints are written where the run syncs with the host"
             )
-        if not self.train_files:
+        if self.eval_interval is not None:
+            _positive_int("eval_interval", self.eval_interval)
+            if self.eval_interval % self.log_interval:
+                raise ValueError(
+                    f"eval_interval ({self.eval_interval}) must be a multiple of log_interval "
+                    f"({self.log_interval})"
+                )
+        if self.do_eval:
+            if not self.eval_files:
+                raise ValueError("do_eval needs eval_files (--eval-files FILE ...)")
+            if not self.student_pretrained:
+                raise ValueError(
+                    "do_eval evaluates --student-pretrained: give the model directory (a run's "
+                    "final/ or a checkpoint)"
+                )
+            if self.resume:
+                raise ValueError("do_eval does not train: it cannot be combined with resume")
+        elif not self.train_files:
             raise ValueError(
                 "train_files is empty: give at least one text file (--train-files FILE ...)"
             )
@@ -283,6 +377,16 @@ class TrainConfig:
             raise ValueError(f"alpha_mlm applies to --task mlm only (task is {self.task})")
         if self.task != "clm" and self.alpha_clm > 0:
             raise ValueError(f"alpha_clm applies to --task clm only (task is {self.task})")
+        if self.task != "squad" and self.alpha_squad > 0:
+            raise ValueError(f"alpha_squad applies to --task squad only (task is {self.task})")
+        if self.task == "squad":
+            if self.alpha_mse > 0:
+                raise ValueError("alpha_mse does not apply to --task squad (use alpha_kl)")
+            if self.max_length <= self.max_query_length + 3:
+                raise ValueError(
+                    f"max_length ({self.max_length}) must exceed max_query_length "
+                    f"({self.max_query_length}) plus the special tokens, leaving room for context"
+                )
         if self.task == "hidden":
             if self.alpha_kl > 0:
                 raise ValueError(
@@ -298,9 +402,10 @@ class TrainConfig:
                 )
             if not (self.student_config or self.student_pretrained):
                 raise ValueError("without a teacher, give --student-config or --student-pretrained")
-            if self.tokenizer is None:
+            if self.tokenizer is None and not self.do_eval:
                 raise ValueError("without a teacher, give --tokenizer")
-        if self.alpha_kl + self.alpha_mlm + self.alpha_clm + self.alpha_mse + self.alpha_cos == 0:
+        weights = (self.alpha_kl, self.alpha_mlm, self.alpha_clm, self.alpha_mse, self.alpha_cos)
+        if sum(weights) + self.alpha_squad == 0 and not self.do_eval:
             raise ValueError("every loss weight is 0: nothing to train")
         if self.loss_impl == "eager" and self.task == "hidden":
             raise ValueError(
@@ -395,13 +500,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["nargs"] = "+"
         else:
             kwargs["type"] = tp
-        if f.name in ("task", "mixed_precision", "loss_impl", "device"):
-            kwargs["choices"] = {
-                "task": TASKS,
-                "mixed_precision": MIXED_PRECISION,
-                "loss_impl": LOSS_IMPLS,
-                "device": DEVICES,
-            }[f.name]
+        if f.name in CHOICES:
+            kwargs["choices"] = CHOICES[f.name]
         parser.add_argument(_flag(f.name), **kwargs)
 
 

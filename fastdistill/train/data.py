@@ -63,12 +63,18 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """SHA-256 of everything about a tokenizer that changes its ids: the full serialised fast
-    tokenizer (vocab, merges, normaliser, pre-tokeniser) or, for a slow one, its vocab and
-    special tokens, plus the class name."""
+    tokenizer (vocab, merges, normaliser, pre-tokeniser, post-processor; not the truncation and
+    padding left from the last call) or, for a slow one, its vocab and special tokens, plus the
+    class name."""
     h = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        h.update(backend.to_str().encode())
+        state = json.loads(backend.to_str())
+        # Truncation and padding are per-call settings that transformers leaves on the backend
+        # after a call (and that save_pretrained then stores): they do not change the ids.
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        h.update(json.dumps(state, sort_keys=True).encode())
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(json.dumps(tokenizer.all_special_tokens).encode())
@@ -380,6 +386,10 @@ class Batch:
             mv(self.pred_mask),
             self.num_tokens,
         )
+
+    def model_inputs(self, model) -> dict[str, torch.Tensor]:
+        """Forward arguments (the same for every model)."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
 
 def collate(

@@ -383,3 +383,77 @@ def tiny_inputs(
         "tokenizer": str(tok_dir),
         "teacher": str(out / "teacher"),
     }
+
+
+# ---- question answering -------------------------------------------------------------------------
+
+
+def build_word_tokenizer(texts, out_dir: str | os.PathLike | None = None):
+    """A lower-cased BERT WordPiece tokenizer whose vocabulary is every word and punctuation mark
+    of ``texts`` (BERT's pre-tokenisation), plus their characters alone and as ``##`` pieces so
+    unseen words still tokenise. Built without a trainer, so it is the same on every run (the
+    WordPiece trainer breaks ties differently from run to run)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    words = set()
+    for text in texts:
+        words.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in words for c in w})
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    pieces = sorted(words | set(chars) | {"##" + c for c in chars})
+    vocab = {tok: i for i, tok in enumerate(specials + pieces)}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.WordPiece()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    fast = BertTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    if out_dir is not None:
+        fast.save_pretrained(out_dir)
+    return fast
+
+
+def tiny_squad_inputs(
+    out_dir: str | os.PathLike,
+    data_files,
+    *,
+    teacher: dict | None = None,
+    student: dict | None = None,
+    max_positions: int = 128,
+) -> dict[str, str]:
+    """Seconds-sized inputs for question answering tests and experiments: a tokenizer built from
+    the questions and contexts of the SQuAD ``data_files`` and the configs of a small BERT teacher
+    and a smaller BERT student (``tiny_config`` keyword arguments). Returns the paths: tokenizer,
+    teacher_config, student_config."""
+    from fastdistill.train.squad_data import read_examples
+
+    out = Path(out_dir)
+    texts = []
+    for ex in read_examples([str(f) for f in data_files]):
+        texts += [ex.question, ex.context]
+    tok_dir = out / "tokenizer"
+    tokenizer = build_word_tokenizer(texts, tok_dir)
+    paths = {"tokenizer": str(tok_dir)}
+    for name, kw in (
+        ("teacher", {"hidden": 64, "layers": 2, "heads": 4, **(teacher or {})}),
+        ("student", {"hidden": 32, "layers": 1, "heads": 2, **(student or {})}),
+    ):
+        kw.setdefault("max_positions", max_positions)
+        config = tiny_config("bert", len(tokenizer), tokenizer=tokenizer, **kw)
+        config.save_pretrained(out / f"{name}-config")
+        paths[f"{name}_config"] = str(out / f"{name}-config")
+    return paths

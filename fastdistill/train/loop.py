@@ -49,6 +49,14 @@ from fastdistill.train.data import (
     load_or_build,
 )
 from fastdistill.train.metrics import MetricsLogger, plot_metrics
+from fastdistill.train.squad import evaluate_squad, squad_loss
+from fastdistill.train.squad_data import (
+    FeatureSettings,
+    collate_features,
+    load_features,
+    read_examples,
+    resolve_version,
+)
 from fastdistill.train.student import count_parameters, init_student_from_teacher
 
 log = logging.getLogger("fastdistill.train")
@@ -68,6 +76,7 @@ def _auto_class(task: str):
         "mlm": transformers.AutoModelForMaskedLM,
         "clm": transformers.AutoModelForCausalLM,
         "hidden": transformers.AutoModel,
+        "squad": transformers.AutoModelForQuestionAnswering,
     }[task]
 
 
@@ -155,6 +164,8 @@ def compute_loss(
                 ignore_index=IGNORE_INDEX,
             )
         kl, ce, mse = kl * w["kl"], ce * w["ce"], mse * w["kl"]
+    elif cfg.task == "squad":  # ce: the QA loss, (CE_start + CE_end) / 2
+        total, kl, ce = squad_loss(cfg, s_out, t_out, batch, w)
     if t_out is not None and (cfg.alpha_cos > 0 or (cfg.task == "hidden" and cfg.alpha_mse > 0)):
         s_h, t_h = hidden_of(s_out), hidden_of(t_out)
         if cfg.alpha_cos > 0:
@@ -322,6 +333,7 @@ def _train(cfg, rank, world, local_rank, is_main, transformers, on_step_end):
         raise ValueError(f"--resume: {run_dir} holds no checkpoint to resume from")
     if (
         not cfg.resume
+        and not cfg.do_eval
         and not cfg.overwrite_output_dir
         and ckpt.latest_checkpoint(run_dir) is not None
     ):
@@ -329,7 +341,7 @@ def _train(cfg, rank, world, local_rank, is_main, transformers, on_step_end):
             f"{run_dir} already holds checkpoints: pass --resume to continue that run or "
             "--overwrite-output-dir to start a new one there"
         )
-    if not cfg.resume and is_main and ckpt.checkpoint_root(run_dir).exists():
+    if not cfg.resume and not cfg.do_eval and is_main and ckpt.checkpoint_root(run_dir).exists():
         # --overwrite-output-dir: a new run must not mix its checkpoints with the old run's.
         shutil.rmtree(ckpt.checkpoint_root(run_dir))
     if world > 1:
@@ -338,7 +350,10 @@ def _train(cfg, rank, world, local_rank, is_main, transformers, on_step_end):
 
     # -- models ----------------------------------------------------------------------------------------
     auto = _auto_class(cfg.task)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.teacher)
+    student_dir = model_dir(cfg.student_pretrained) if cfg.student_pretrained else None
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        cfg.tokenizer or cfg.teacher or student_dir
+    )
     teacher = None
     if cfg.teacher is not None:
         teacher = auto.from_pretrained(cfg.teacher).to(device).eval()
@@ -346,7 +361,7 @@ def _train(cfg, rank, world, local_rank, is_main, transformers, on_step_end):
     if resume_from is not None:
         student = auto.from_pretrained(resume_from / "model")
     elif cfg.student_pretrained:
-        student = auto.from_pretrained(cfg.student_pretrained)
+        student = auto.from_pretrained(student_dir)
     elif cfg.student_config:
         student = auto.from_config(transformers.AutoConfig.from_pretrained(cfg.student_config))
     else:
@@ -361,24 +376,50 @@ def _train(cfg, rank, world, local_rank, is_main, transformers, on_step_end):
     _check_models(cfg, tokenizer, student, teacher)
 
     # -- data (rank 0 tokenises and caches; the others read the cache) ----------------------------
-    data_kwargs = dict(
-        task=cfg.task,
-        max_length=cfg.max_length,
-        min_length=cfg.min_length,
-        max_unknown_fraction=cfg.max_unknown_fraction,
-        cache_dir=cfg.cache_dir,
-    )
+    if cfg.task == "squad":
+        # Questions are read first: the version flag (auto: v2 if any is unanswerable) is part of
+        # the features' cache key.
+        file_sets = [cfg.eval_files] if cfg.do_eval else [cfg.train_files, cfg.eval_files]
+        examples = {tuple(f): read_examples(f) for f in file_sets if f}
+        settings = FeatureSettings(
+            max_length=cfg.max_length,
+            doc_stride=cfg.doc_stride,
+            max_query_length=cfg.max_query_length,
+            v2=resolve_version(cfg.squad_version, list(examples.values())),
+        )
+
+        def build(files, build=True):
+            return load_features(
+                files,
+                tokenizer,
+                settings,
+                cache_dir=cfg.cache_dir,
+                build=build,
+                examples=examples[tuple(files)],
+            )
+    else:
+        data_kwargs = dict(
+            task=cfg.task,
+            max_length=cfg.max_length,
+            min_length=cfg.min_length,
+            max_unknown_fraction=cfg.max_unknown_fraction,
+            cache_dir=cfg.cache_dir,
+        )
+
+        def build(files, build=True):
+            return load_or_build(files, tokenizer, build=build, **data_kwargs)
 
     def load(files):
         if not files:
             return None
         if is_main:
-            out = load_or_build(files, tokenizer, **data_kwargs)
+            out = build(files)
         if world > 1:
             dist.barrier()
-        return out if is_main else load_or_build(files, tokenizer, build=False, **data_kwargs)
+        return out if is_main else build(files, build=False)
 
-    train_data, eval_data = load(cfg.train_files), load(cfg.eval_files)
+    train_data = None if cfg.do_eval else load(cfg.train_files)
+    eval_data = load(cfg.eval_files)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
@@ -386,8 +427,9 @@ def _train(cfg, rank, world, local_rank, is_main, transformers, on_step_end):
     if cfg.task == "mlm":
         if tokenizer.mask_token_id is None:
             raise ValueError("--task mlm needs a tokenizer with a mask token")
+        counts = (train_data if train_data is not None else eval_data).counts
         masker = MLMMasker(
-            train_data.counts,
+            counts,
             tokenizer.all_special_ids,
             tokenizer.mask_token_id,
             mask_prob=cfg.mlm_mask_prob,
@@ -400,7 +442,7 @@ def _train(cfg, rank, world, local_rank, is_main, transformers, on_step_end):
     eval_masker = None
     if masker is not None:
         eval_masker = MLMMasker(
-            train_data.counts,
+            counts,
             tokenizer.all_special_ids,
             tokenizer.mask_token_id,
             mask_prob=cfg.mlm_mask_prob,
@@ -408,6 +450,26 @@ def _train(cfg, rank, world, local_rank, is_main, transformers, on_step_end):
             random_token_prob=cfg.mlm_random_token_prob,
             smoothing=0.0,
         )
+
+    def run_eval(step: int, *, with_teacher: bool = True) -> dict[str, float]:
+        """Held-out metrics of the student now. squad: the predictions go to RUN/eval/step-N, and
+        the teacher (whose numbers do not change) is evaluated only ``with_teacher``."""
+        if cfg.task == "squad":
+            return evaluate_squad(
+                cfg,
+                student,
+                teacher if with_teacher else None,
+                eval_data,
+                device,
+                pad_id=pad_id,
+                out_dir=run_dir / "eval" / f"step-{step:08d}" if is_main else None,
+                teacher_dir=run_dir / "eval" / "teacher" if is_main else None,
+            )
+        return evaluate(cfg, student, teacher, eval_data, pad_id, eval_masker, device)
+
+    if cfg.do_eval:
+        return _evaluate_only(cfg, run_dir, is_main, world, run_eval)
+
     plan = BatchPlan(
         train_data.lengths,
         batch_size=cfg.batch_size,
@@ -419,6 +481,8 @@ def _train(cfg, rank, world, local_rank, is_main, transformers, on_step_end):
     lengths = train_data.lengths
     n_pred = masker.num_predictions(train_data) if masker is not None else lengths - 1
     kl_count = n_pred if (cfg.restrict_ce_to_mask and cfg.task == "mlm") else lengths
+    if cfg.task == "squad":  # one start and one end distribution per feature
+        n_pred = kl_count = np.ones(len(train_data), dtype=np.int64)
     total_steps = cfg.max_steps or cfg.num_epochs * plan.steps_per_epoch
     warmup = (
         cfg.warmup_steps
@@ -481,9 +545,7 @@ def _train(cfg, rank, world, local_rank, is_main, transformers, on_step_end):
 
     summary: dict[str, Any] = {}
     if resume_from is None:
-        summary["eval_before"] = evaluate(
-            cfg, student, teacher, eval_data, pad_id, eval_masker, device
-        )
+        summary["eval_before"] = run_eval(step)
     else:
         summary["eval_before"] = state.get("eval_before", {})
     if is_main and summary["eval_before"]:
@@ -561,15 +623,19 @@ def _train(cfg, rank, world, local_rank, is_main, transformers, on_step_end):
             step_terms = torch.zeros(4, device=device)
             for i, micro in enumerate(micro_batches):
                 idx = plan.local(micro, rank)
-                batch = collate(
-                    train_data,
-                    idx,
-                    task=cfg.task,
-                    pad_id=pad_id,
-                    masker=masker,
-                    seed=cfg.seed,
-                    stream=epoch + 1,
-                ).to(device)
+                if cfg.task == "squad":
+                    batch = collate_features(train_data, idx, pad_id=pad_id)
+                else:
+                    batch = collate(
+                        train_data,
+                        idx,
+                        task=cfg.task,
+                        pad_id=pad_id,
+                        masker=masker,
+                        seed=cfg.seed,
+                        stream=epoch + 1,
+                    )
+                batch = batch.to(device)
                 interval_tokens += batch.num_tokens * world
                 w = {
                     "world": world,
@@ -580,14 +646,16 @@ def _train(cfg, rank, world, local_rank, is_main, transformers, on_step_end):
                 last = i == len(micro_batches) - 1
                 sync = model.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
                 with sync:
-                    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                    states = want_hidden or None
                     with autocast:
                         if teacher is not None:
                             with torch.inference_mode():
-                                t_out = teacher(**kwargs, output_hidden_states=want_hidden or None)
+                                t_out = teacher(
+                                    **batch.model_inputs(teacher), output_hidden_states=states
+                                )
                         else:
                             t_out = None
-                        s_out = model(**kwargs, output_hidden_states=want_hidden or None)
+                        s_out = model(**batch.model_inputs(student), output_hidden_states=states)
                         loss, terms = compute_loss(cfg, s_out, t_out, batch, w)
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                 step_loss += loss.detach().float() / world
@@ -685,6 +753,11 @@ def _train(cfg, rank, world, local_rank, is_main, transformers, on_step_end):
                         )
                         + " Lower the learning rate, check the data and the teacher, or use bf16 instead of fp16."
                     )
+                if cfg.eval_interval and step % cfg.eval_interval == 0 and step < total_steps:
+                    values = run_eval(step, with_teacher=False)
+                    if is_main and values:
+                        metrics.log({"kind": "eval", "step": step, **values})
+                    interval_start = time.perf_counter()  # tokens/s: training time only
                 if step % cfg.save_interval == 0:
                     save_due = True
                 # A checkpoint is written only after a finite step (else at the next log interval
@@ -702,7 +775,7 @@ def _train(cfg, rank, world, local_rank, is_main, transformers, on_step_end):
 
     # -- the end: checkpoint, final model, evaluation, figure ----------------------------------------------
     save(step)
-    summary["eval_after"] = evaluate(cfg, student, teacher, eval_data, pad_id, eval_masker, device)
+    summary["eval_after"] = run_eval(step, with_teacher=False)
     summary.update(
         steps=step,
         skipped_steps=skipped_total,
@@ -724,6 +797,28 @@ def _train(cfg, rank, world, local_rank, is_main, transformers, on_step_end):
     return summary
 
 
+def model_dir(path: str) -> str:
+    """``path``, or its ``model/`` subdirectory when ``path`` is a checkpoint directory."""
+    p = Path(path)
+    if not (p / "config.json").is_file() and (p / "model" / "config.json").is_file():
+        return str(p / "model")
+    return path
+
+
+def _evaluate_only(cfg, run_dir: Path, is_main: bool, world: int, run_eval) -> dict[str, Any]:
+    """``--do-eval``: the metrics of ``--student-pretrained`` (and the teacher's, if given) on the
+    held-out files, written to RUN/eval_results.json; no training, no checkpoint."""
+    values = run_eval(0)
+    summary = {"eval": values, "model": cfg.student_pretrained}
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_text_atomic(run_dir / "eval_results.json", json.dumps(summary, indent=1))
+        log.info("held-out: %s", _fmt(values))
+    if world > 1:
+        dist.barrier()
+    return summary
+
+
 def _append_eval(run_dir: Path, step: int, values: dict[str, float]) -> None:
     if values:
         with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -740,9 +835,15 @@ def _check_models(cfg: TrainConfig, tokenizer, student, teacher) -> None:
             raise ValueError(
                 f"the {name}'s vocabulary ({v}) is smaller than the tokenizer's ({vocab})"
             )
+        positions = getattr(m.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and positions < cfg.max_length:
+            raise ValueError(
+                f"max_length {cfg.max_length} exceeds the {name}'s {positions} position "
+                "embeddings: lower --max-length"
+            )
     if teacher is None:
         return
-    if cfg.task != "hidden" and student.config.vocab_size != teacher.config.vocab_size:
+    if cfg.task in ("mlm", "clm") and student.config.vocab_size != teacher.config.vocab_size:
         raise ValueError(
             f"student and teacher vocabularies differ ({student.config.vocab_size} vs "
             f"{teacher.config.vocab_size}): the logit losses need the same vocabulary"
