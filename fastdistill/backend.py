@@ -41,16 +41,21 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Read once at import: select_backend runs inside torch.compile traces, which cannot call into
+# the pybind module (a graph break under fullgraph=True).
+_NATIVE_CUDA_BUILT = _native.available() and bool(_native.core().built_with_cuda())
+
+
 def native_cuda_built() -> bool:
-    return _native.available() and bool(_native.core().built_with_cuda())
+    return _NATIVE_CUDA_BUILT
 
 
 def _has_triton_kernel(op: str) -> bool:
-    # Triton kernels land per op in fastdistill/triton/<op>.py (issue 3); none exist yet.
     try:
-        return importlib.util.find_spec(f"fastdistill.triton.{op}") is not None
-    except ModuleNotFoundError:  # the package itself is missing (e.g. a trimmed install)
+        from fastdistill.triton import KERNEL_MODULES
+    except ImportError:  # a trimmed install without the package
         return False
+    return op in KERNEL_MODULES
 
 
 def available_backends(op: str, device: torch.device) -> list[str]:

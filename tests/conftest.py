@@ -2,8 +2,7 @@
 
 - ``rng``: an ``_oracle.Rng`` with a fresh seed per test (``FASTDISTILL_TEST_SEED`` replays one).
 - ``impl``: every implementation a numerics test must cover (``_oracle.IMPLS``): the native core
-  on EVERY CPU variant this machine runs, the ``torch`` backend, and ``triton`` under
-  ``make test-triton``.
+  on EVERY CPU variant this machine runs, the ``torch`` backend, and ``triton`` (interpreted).
 - ``native_isa``: the native backend on every CPU variant.
 - ``switch_impl``: select an implementation inside a test (to share one float64 oracle).
 
@@ -21,6 +20,10 @@ import sys
 # every torch op after a fastdistill call (and vice versa) 10-100x slower. Passive waiting keeps
 # the suite fast; it must be set before torch is imported. (Reported upstream as a library issue.)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The Triton kernels run on CPU tensors through the Triton interpreter (DESIGN.md section 7).
+# Triton reads this when a kernel module is imported, so it is set before anything imports one.
+# A GPU run (bench/gpu_check.sh) sets TRITON_INTERPRET=0 to compile them for the device instead.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 

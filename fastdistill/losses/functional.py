@@ -24,26 +24,13 @@ from fastdistill.ops._common import (
     check_temperature,
     wants_grad,
 )
+from fastdistill.ops._fused_logits import check_label_range
 
 
 def _use_reference(op: str, x: Tensor) -> bool:
     """FASTDISTILL_BACKEND=torch, or a device with no kernel: run fastdistill.reference directly
     (fp32 math, plain autograd, traceable by torch.compile) instead of the op."""
     return select_backend(op, x.device) == "torch"
-
-
-def _check_label_range(labels: Tensor, classes: int, ignore_index: int) -> None:
-    """Out-of-range labels are a ValueError on CPU (the native kernel checks them itself). On an
-    accelerator this would need a host sync, so there it is left to the kernel/gather."""
-    if labels.device.type != "cpu" or labels.numel() == 0 or torch.compiler.is_compiling():
-        return  # (a data-dependent branch would break a fullgraph trace)
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= classes))
-    if bool(bad.any()):
-        first = labels[bad][0].item()
-        raise ValueError(
-            f"invalid labels: value {first} is outside [0, {classes}) and not ignore_index "
-            f"({ignore_index})"
-        )
 
 
 def kl_div_loss(
@@ -144,7 +131,7 @@ def cross_entropy(
     ignore_index = check_int(ignore_index, "ignore_index")
     reduction = check_reduction(reduction, ops.cross_entropy.REDUCTIONS)
     if _use_reference("cross_entropy", x):
-        _check_label_range(labels, x.shape[-1], ignore_index)
+        check_label_range(labels, x.shape[-1], ignore_index)
         return reference.cross_entropy(
             x.float(), labels, ignore_index=ignore_index, reduction=reduction
         )
@@ -183,7 +170,7 @@ def distillation_loss(
         raise ValueError("alpha_ce > 0 needs labels (the hard targets for the cross-entropy term)")
     if _use_reference("distillation", s):
         if labels is not None and alpha_ce > 0:
-            _check_label_range(labels, s.shape[-1], ignore_index)
+            check_label_range(labels, s.shape[-1], ignore_index)
         return reference.distillation_loss(
             s.float(),
             t.float(),

@@ -9,13 +9,17 @@ import torch
 from torch import Tensor
 
 from fastdistill import _native
+from fastdistill.backend import select_backend
 from fastdistill.ops._common import (
+    alloc_grad,
     as_rows,
     check_float_tensor,
     check_labels,
     check_mask,
     check_pair,
+    empty_grad,
     flat_rows,
+    unsupported,
 )
 
 
@@ -43,6 +47,33 @@ class FusedResult:
     grad: Tensor  # student-shaped gradient of out[0], or an empty placeholder
 
 
+def _checked_rows(student, teacher, labels, mask):
+    """Validated ``(rows, cols)`` views and flat per-row tensors for a kernel.
+
+    The raw ops (torch.ops.fastdistill.*) are callable without the public API's checks, and the
+    kernels trust their pointers: re-check what would make them read out of bounds (cheap, O(1)).
+    """
+    if teacher is not None:
+        check_pair(student, teacher, "student", "teacher")
+    else:
+        check_float_tensor(student, "student")
+    lead = student.shape[:-1]
+    mask = check_mask(mask, lead, student.device)
+    if labels is not None:
+        labels = check_labels(labels, lead, student.device)
+    s2 = as_rows(student)
+    t2 = as_rows(teacher) if teacher is not None else None
+    labels1 = flat_rows(labels, torch.int64)
+    mask1 = flat_rows(mask)
+    mask_u8 = mask1.view(torch.uint8) if mask1 is not None else None
+    return s2, t2, labels1, mask_u8
+
+
+def _row_outputs(terms: Terms, rows: int, device: torch.device):
+    f32 = dict(dtype=torch.float32, device=device)
+    return tuple(torch.empty(rows, **f32) if on else None for on in (terms.kl, terms.ce, terms.mse))
+
+
 def fused_logits_native(
     student: Tensor,
     teacher: Tensor | None,
@@ -56,29 +87,14 @@ def fused_logits_native(
     grad: Tensor,
 ) -> FusedResult:
     """Run the CPU kernel. ``grad`` is a buffer of the student's shape (written) or empty (skipped)."""
-    # The raw ops (torch.ops.fastdistill.*) are callable without the public API's checks, and the
-    # kernel trusts its pointers: re-check what would make it read out of bounds (cheap, O(1)).
-    if teacher is not None:
-        check_pair(student, teacher, "student", "teacher")
-    else:
-        check_float_tensor(student, "student")
+    s2, t2, labels1, mask_u8 = _checked_rows(student, teacher, labels, mask)
     lead = student.shape[:-1]
-    mask = check_mask(mask, lead, student.device)
-    if labels is not None:
-        labels = check_labels(labels, lead, student.device)
-    C = _native.core()
-    s2 = as_rows(student)
-    t2 = as_rows(teacher) if teacher is not None else None
-    labels1 = flat_rows(labels, torch.int64)
-    mask1 = flat_rows(mask)
-    mask_u8 = mask1.view(torch.uint8) if mask1 is not None else None
     rows, cols = s2.shape
-    f32 = dict(dtype=torch.float32, device=student.device)
-    out = torch.empty(4, **f32)
-    row_kl = torch.empty(lead, **f32) if want_rows and terms.kl else None
-    row_ce = torch.empty(lead, **f32) if want_rows and terms.ce else None
-    row_mse = torch.empty(lead, **f32) if want_rows and terms.mse else None
-    C.fused_logits(
+    out = torch.empty(4, dtype=torch.float32, device=student.device)
+    row_kl, row_ce, row_mse = (
+        _row_outputs(terms, rows, student.device) if want_rows else (None, None, None)
+    )
+    _native.core().fused_logits(
         student=s2.data_ptr(),
         student_row_stride=s2.stride(0),
         teacher=_native.ptr(t2),
@@ -106,7 +122,168 @@ def fused_logits_native(
         grad=grad.data_ptr() if grad.numel() else 0,
         num_threads=_native.num_threads(),
     )
-    return FusedResult(out, row_kl, row_ce, row_mse, grad)
+    return FusedResult(
+        out,
+        *(r.view(lead) if r is not None else None for r in (row_kl, row_ce, row_mse)),
+        grad,
+    )
+
+
+# ---- GPU kernels (Triton on any device, CUDA from the compiled core) ----------------------------
+#
+# The GPU kernels write per-row values and the gradient; counts, normalisers and the reduction over
+# rows are small torch ops on the device, so nothing waits for the host: the gradient weights
+# reach the kernel as a device tensor, never as a Python float read back from the GPU.
+
+
+def _device_scalar(x, device: torch.device) -> Tensor:
+    """A float64 0-dim tensor on ``device``. Python numbers are filled in on the device (a
+    torch.tensor(x, device=cuda) would be a blocking host-to-device copy)."""
+    if isinstance(x, Tensor):
+        return x.to(torch.float64)
+    return torch.full((), float(x), dtype=torch.float64, device=device)
+
+
+def _divisor(norm: int, count, cols: int, device: torch.device) -> Tensor:
+    """What a term's sum over rows is divided by (csrc/cpu/kernels.h, enum Norm)."""
+    if norm == _native.NORM_SUM:
+        return _device_scalar(1.0, device)
+    count = _device_scalar(count, device).clamp_min(1.0)
+    return count * cols if norm == _native.NORM_ROWS_COLS else count
+
+
+def _launch_triton(s2, t2, labels1, mask_u8, scales, row_kl, row_ce, row_mse, grad, **kw):
+    from fastdistill.triton import fused_logits as kernel  # import only when used: needs triton
+
+    kernel.launch(s2, t2, labels1, mask_u8, scales, row_kl, row_ce, row_mse, grad, **kw)
+
+
+def _launch_cuda(s2, t2, labels1, mask_u8, scales, row_kl, row_ce, row_mse, grad, **kw):
+    rows, cols = s2.shape
+    _native.core().fused_logits_cuda(
+        student=s2.data_ptr(),
+        student_row_stride=s2.stride(0),
+        teacher=_native.ptr(t2),
+        teacher_row_stride=t2.stride(0) if t2 is not None else 0,
+        labels=_native.ptr(labels1),
+        mask=_native.ptr(mask_u8),
+        rows=rows,
+        cols=cols,
+        dtype=_native.DTYPE_CODES[s2.dtype],
+        temperature=kw["temperature"],
+        ignore_index=kw["ignore_index"],
+        use_kl=kw["kl"],
+        use_ce=kw["ce"],
+        use_mse=kw["mse"],
+        scales=scales.data_ptr(),
+        row_kl=_native.ptr(row_kl),
+        row_ce=_native.ptr(row_ce),
+        row_mse=_native.ptr(row_mse),
+        grad=_native.ptr(grad),
+        stream=torch.cuda.current_stream(s2.device).cuda_stream,
+    )
+
+
+def check_label_range(labels: Tensor, classes: int, ignore_index: int) -> None:
+    """Out-of-range labels are a ValueError on CPU tensors. On an accelerator the check would need
+    a host sync: there the kernels make the row's loss (and gradient) NaN instead."""
+    if labels.device.type != "cpu" or labels.numel() == 0 or torch.compiler.is_compiling():
+        return  # (a data-dependent branch would break a fullgraph trace)
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= classes))
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(
+            f"invalid labels: value {first} is outside [0, {classes}) and not ignore_index "
+            f"({ignore_index})"
+        )
+
+
+def fused_logits_gpu(
+    launcher,
+    student: Tensor,
+    teacher: Tensor | None,
+    labels: Tensor | None,
+    mask: Tensor | None,
+    *,
+    terms: Terms,
+    temperature: float,
+    ignore_index: int,
+    grad: Tensor,
+) -> FusedResult:
+    """Run a GPU-style kernel (``_launch_triton`` or ``_launch_cuda``): same result as
+    ``fused_logits_native``, with per-row values always produced."""
+    s2, t2, labels1, mask_u8 = _checked_rows(student, teacher, labels, mask)
+    if terms.ce:
+        check_label_range(labels1, s2.shape[1], ignore_index)
+    device = student.device
+    rows, cols = s2.shape
+    n_sel = mask_u8.sum(dtype=torch.float64) if mask_u8 is not None else rows
+    n_lab = (labels1 != ignore_index).sum(dtype=torch.float64) if terms.ce else rows
+    d_kl = _divisor(terms.norm_kl, n_sel, cols, device)
+    d_ce = _divisor(terms.norm_ce, n_lab, cols, device)
+    d_mse = _divisor(terms.norm_mse, n_sel, cols, device)
+    # d(total)/d(term) / normaliser, with d(T² KL)/ds = T (p_s − p_t) and d(Σ(s−t)²)/ds = 2(s − t).
+    scales = torch.stack(
+        [terms.w_kl * temperature / d_kl, terms.w_ce / d_ce, 2.0 * terms.w_mse / d_mse]
+    ).to(torch.float32)
+    row_kl, row_ce, row_mse = _row_outputs(terms, rows, device)
+    launcher(
+        s2, t2, labels1, mask_u8, scales, row_kl, row_ce, row_mse,
+        grad.view(rows, cols) if grad.numel() else None,
+        temperature=temperature, ignore_index=ignore_index,
+        kl=terms.kl, ce=terms.ce, mse=terms.mse,
+    )  # fmt: skip
+    # Deterministic reduction over rows (no atomics), in float64 like the CPU kernel.
+    zero = _device_scalar(0.0, device)
+    kl = row_kl.sum(dtype=torch.float64) / d_kl if terms.kl else zero
+    ce = row_ce.sum(dtype=torch.float64) / d_ce if terms.ce else zero
+    mse = row_mse.sum(dtype=torch.float64) / d_mse if terms.mse else zero
+    total = zero
+    for on, w, value in (
+        (terms.kl, terms.w_kl, kl),
+        (terms.ce, terms.w_ce, ce),
+        (terms.mse, terms.w_mse, mse),
+    ):
+        if on:
+            total = total + w * value
+    out = torch.stack([total, kl, ce, mse]).to(torch.float32)
+    lead = student.shape[:-1]
+    return FusedResult(
+        out,
+        *(r.view(lead) if r is not None else None for r in (row_kl, row_ce, row_mse)),
+        grad,
+    )
+
+
+def run_fused_logits(
+    op: str,
+    student: Tensor,
+    teacher: Tensor | None,
+    labels: Tensor | None,
+    mask: Tensor | None,
+    *,
+    terms: Terms,
+    compute_grad: bool,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    want_rows: bool = False,
+) -> FusedResult:
+    """Run ``op``'s terms on the backend FASTDISTILL_BACKEND selects for the student's device."""
+    backend = select_backend(op, student.device)
+    device = student.device.type
+    kw = dict(terms=terms, temperature=temperature, ignore_index=ignore_index)
+    if backend == "native" and device == "cpu":
+        grad = alloc_grad(student, compute_grad)
+        return fused_logits_native(
+            student, teacher, labels, mask, want_rows=want_rows, grad=grad, **kw
+        )
+    if backend == "native" and device == "cuda":
+        grad = empty_grad(student, compute_grad)
+        return fused_logits_gpu(_launch_cuda, student, teacher, labels, mask, grad=grad, **kw)
+    if backend == "triton":
+        grad = alloc_grad(student, compute_grad)
+        return fused_logits_gpu(_launch_triton, student, teacher, labels, mask, grad=grad, **kw)
+    raise unsupported(f"{op} has no {backend} kernel for {device}")
 
 
 def norm_code(reduction: str) -> int:

@@ -50,6 +50,53 @@ def _cosine_native(student, teacher, mask, reduction, grad):
     return (row_loss if reduction == "none" else out[0].clone()), grad
 
 
+def _cosine_gpu(launch, student, teacher, mask, reduction, grad):
+    """Triton or CUDA kernel: per-row losses and the gradient; the reduction is a device op."""
+    check_pair(student, teacher, "student_hidden", "teacher_hidden")
+    mask = check_mask(mask, student.shape[:-1], student.device)
+    s2, t2 = as_rows(student), as_rows(teacher)
+    mask1 = flat_rows(mask)
+    mask_u8 = mask1.view(torch.uint8) if mask1 is not None else None
+    rows = s2.shape[0]
+    f64 = dict(dtype=torch.float64, device=student.device)
+    if reduction == "mean":
+        n_sel = (
+            mask_u8.sum(dtype=torch.float64) if mask_u8 is not None else torch.full((), rows, **f64)
+        )
+        divisor = n_sel.clamp_min(1.0)
+    else:
+        divisor = torch.full((), 1.0, **f64)
+    scale = (1.0 / divisor).to(torch.float32).reshape(1)
+    row_loss = torch.empty(rows, dtype=torch.float32, device=student.device)
+    launch(s2, t2, mask_u8, scale, row_loss, grad.view(s2.shape) if grad.numel() else None)
+    if reduction == "none":
+        return row_loss.view(student.shape[:-1]), grad
+    return (row_loss.sum(dtype=torch.float64) / divisor).to(torch.float32), grad
+
+
+def _launch_triton(s2, t2, mask_u8, scale, row_loss, grad):
+    from fastdistill.triton import cosine as kernel  # import only when used: needs triton
+
+    kernel.launch(s2, t2, mask_u8, scale, row_loss, grad)
+
+
+def _launch_cuda(s2, t2, mask_u8, scale, row_loss, grad):
+    _native.core().cosine_cuda(
+        student=s2.data_ptr(),
+        student_row_stride=s2.stride(0),
+        teacher=t2.data_ptr(),
+        teacher_row_stride=t2.stride(0),
+        mask=_native.ptr(mask_u8),
+        rows=s2.shape[0],
+        cols=s2.shape[1],
+        dtype=_native.DTYPE_CODES[s2.dtype],
+        scale=scale.data_ptr(),
+        row_loss=row_loss.data_ptr(),
+        grad=_native.ptr(grad),
+        stream=torch.cuda.current_stream(s2.device).cuda_stream,
+    )
+
+
 @torch.library.custom_op("fastdistill::cosine", mutates_args=())
 def cosine(
     student_hidden: Tensor,
@@ -60,15 +107,15 @@ def cosine(
 ) -> tuple[Tensor, Tensor]:
     """Returns (loss in float32, d loss/d student_hidden or an empty tensor)."""
     backend = select_backend("cosine", student_hidden.device)
-    if backend == "native" and student_hidden.device.type == "cpu":
-        return _cosine_native(
-            student_hidden,
-            teacher_hidden,
-            mask,
-            reduction,
-            alloc_grad(student_hidden, compute_grad),
-        )
-    raise unsupported(f"cosine has no {backend} kernel for {student_hidden.device.type}")
+    device = student_hidden.device.type
+    args = (student_hidden, teacher_hidden, mask, reduction)
+    if backend == "native" and device == "cpu":
+        return _cosine_native(*args, alloc_grad(student_hidden, compute_grad))
+    if backend == "native" and device == "cuda":
+        return _cosine_gpu(_launch_cuda, *args, empty_grad(student_hidden, compute_grad))
+    if backend == "triton":
+        return _cosine_gpu(_launch_triton, *args, alloc_grad(student_hidden, compute_grad))
+    raise unsupported(f"cosine has no {backend} kernel for {device}")
 
 
 @cosine.register_fake

@@ -8,14 +8,8 @@ import torch
 from torch import Tensor
 
 from fastdistill import _native
-from fastdistill.backend import select_backend
-from fastdistill.ops._common import (
-    alloc_grad,
-    empty_grad,
-    register_saved_grad_autograd,
-    unsupported,
-)
-from fastdistill.ops._fused_logits import Terms, fused_logits_native
+from fastdistill.ops._common import empty_grad, register_saved_grad_autograd
+from fastdistill.ops._fused_logits import Terms, run_fused_logits
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -25,22 +19,20 @@ def cross_entropy(
     logits: Tensor, labels: Tensor, ignore_index: int, reduction: str, compute_grad: bool
 ) -> tuple[Tensor, Tensor]:
     """Returns (loss in float32, d loss/d logits or an empty tensor)."""
-    backend = select_backend("cross_entropy", logits.device)
-    if backend == "native" and logits.device.type == "cpu":
-        norm = _native.NORM_ROWS if reduction == "mean" else _native.NORM_SUM
-        res = fused_logits_native(
-            logits,
-            None,
-            labels,
-            None,
-            terms=Terms(ce=True, norm_ce=norm),
-            ignore_index=ignore_index,
-            want_rows=reduction == "none",
-            grad=alloc_grad(logits, compute_grad),
-        )
-        loss = res.row_ce if reduction == "none" else res.out[2].clone()
-        return loss, res.grad
-    raise unsupported(f"cross_entropy has no {backend} kernel for {logits.device.type}")
+    norm = _native.NORM_ROWS if reduction == "mean" else _native.NORM_SUM
+    res = run_fused_logits(
+        "cross_entropy",
+        logits,
+        None,
+        labels,
+        None,
+        terms=Terms(ce=True, norm_ce=norm),
+        compute_grad=compute_grad,
+        ignore_index=ignore_index,
+        want_rows=reduction == "none",
+    )
+    loss = res.row_ce if reduction == "none" else res.out[2].clone()
+    return loss, res.grad
 
 
 @cross_entropy.register_fake

@@ -16,14 +16,8 @@ import torch
 from torch import Tensor
 
 from fastdistill import _native
-from fastdistill.backend import select_backend
-from fastdistill.ops._common import (
-    alloc_grad,
-    empty_grad,
-    register_saved_grad_autograd,
-    unsupported,
-)
-from fastdistill.ops._fused_logits import Terms, fused_logits_native
+from fastdistill.ops._common import empty_grad, register_saved_grad_autograd
+from fastdistill.ops._fused_logits import Terms, run_fused_logits
 
 
 @torch.library.custom_op("fastdistill::distillation", mutates_args=())
@@ -40,31 +34,29 @@ def distillation(
     compute_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (total, components [kl, ce, mse], d total/d student_logits or an empty tensor)."""
-    backend = select_backend("distillation", student_logits.device)
-    if backend == "native" and student_logits.device.type == "cpu":
-        terms = Terms(
-            kl=alpha_kl > 0,
-            ce=alpha_ce > 0,
-            mse=alpha_mse > 0,
-            w_kl=alpha_kl,
-            w_ce=alpha_ce,
-            w_mse=alpha_mse,
-            norm_kl=_native.NORM_ROWS,
-            norm_ce=_native.NORM_ROWS,
-            norm_mse=_native.NORM_ROWS,
-        )
-        res = fused_logits_native(
-            student_logits,
-            teacher_logits,
-            labels,
-            mask,
-            terms=terms,
-            temperature=temperature,
-            ignore_index=ignore_index,
-            grad=alloc_grad(student_logits, compute_grad),
-        )
-        return res.out[0].clone(), res.out[1:].clone(), res.grad
-    raise unsupported(f"distillation has no {backend} kernel for {student_logits.device.type}")
+    terms = Terms(
+        kl=alpha_kl > 0,
+        ce=alpha_ce > 0,
+        mse=alpha_mse > 0,
+        w_kl=alpha_kl,
+        w_ce=alpha_ce,
+        w_mse=alpha_mse,
+        norm_kl=_native.NORM_ROWS,
+        norm_ce=_native.NORM_ROWS,
+        norm_mse=_native.NORM_ROWS,
+    )
+    res = run_fused_logits(
+        "distillation",
+        student_logits,
+        teacher_logits,
+        labels,
+        mask,
+        terms=terms,
+        compute_grad=compute_grad,
+        temperature=temperature,
+        ignore_index=ignore_index,
+    )
+    return res.out[0].clone(), res.out[1:].clone(), res.grad
 
 
 @distillation.register_fake

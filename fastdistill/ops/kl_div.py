@@ -10,14 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastdistill.backend import select_backend
-from fastdistill.ops._common import (
-    alloc_grad,
-    empty_grad,
-    register_saved_grad_autograd,
-    unsupported,
-)
-from fastdistill.ops._fused_logits import Terms, fused_logits_native, norm_code
+from fastdistill.ops._common import empty_grad, register_saved_grad_autograd
+from fastdistill.ops._fused_logits import Terms, norm_code, run_fused_logits
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
@@ -32,21 +26,19 @@ def kl_div(
     compute_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """Returns (loss in float32, d loss/d student_logits or an empty tensor)."""
-    backend = select_backend("kl_div", student_logits.device)
-    if backend == "native" and student_logits.device.type == "cpu":
-        res = fused_logits_native(
-            student_logits,
-            teacher_logits,
-            None,
-            mask,
-            terms=Terms(kl=True, norm_kl=norm_code(reduction)),
-            temperature=temperature,
-            want_rows=reduction == "none",
-            grad=alloc_grad(student_logits, compute_grad),
-        )
-        loss = res.row_kl if reduction == "none" else res.out[1].clone()
-        return loss, res.grad
-    raise unsupported(f"kl_div has no {backend} kernel for {student_logits.device.type}")
+    res = run_fused_logits(
+        "kl_div",
+        student_logits,
+        teacher_logits,
+        None,
+        mask,
+        terms=Terms(kl=True, norm_kl=norm_code(reduction)),
+        compute_grad=compute_grad,
+        temperature=temperature,
+        want_rows=reduction == "none",
+    )
+    loss = res.row_kl if reduction == "none" else res.out[1].clone()
+    return loss, res.grad
 
 
 @kl_div.register_fake

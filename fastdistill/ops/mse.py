@@ -7,14 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastdistill.backend import select_backend
-from fastdistill.ops._common import (
-    alloc_grad,
-    empty_grad,
-    register_saved_grad_autograd,
-    unsupported,
-)
-from fastdistill.ops._fused_logits import Terms, fused_logits_native, norm_code
+from fastdistill.ops._common import empty_grad, register_saved_grad_autograd
+from fastdistill.ops._fused_logits import Terms, norm_code, run_fused_logits
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
@@ -24,20 +18,18 @@ def mse(
     student: Tensor, teacher: Tensor, mask: Tensor | None, reduction: str, compute_grad: bool
 ) -> tuple[Tensor, Tensor]:
     """Returns (loss in float32, d loss/d student or an empty tensor)."""
-    backend = select_backend("mse", student.device)
-    if backend == "native" and student.device.type == "cpu":
-        res = fused_logits_native(
-            student,
-            teacher,
-            None,
-            mask,
-            terms=Terms(mse=True, norm_mse=norm_code(reduction)),
-            want_rows=reduction == "none",
-            grad=alloc_grad(student, compute_grad),
-        )
-        loss = res.row_mse if reduction == "none" else res.out[3].clone()
-        return loss, res.grad
-    raise unsupported(f"mse has no {backend} kernel for {student.device.type}")
+    res = run_fused_logits(
+        "mse",
+        student,
+        teacher,
+        None,
+        mask,
+        terms=Terms(mse=True, norm_mse=norm_code(reduction)),
+        compute_grad=compute_grad,
+        want_rows=reduction == "none",
+    )
+    loss = res.row_mse if reduction == "none" else res.out[3].clone()
+    return loss, res.grad
 
 
 @mse.register_fake

@@ -1,3 +1,17 @@
-"""Triton kernels, one module per op (``fastdistill/triton/<op>.py``), added by the GPU-kernel work
-(issue 3). ``fastdistill.backend`` looks for a module named after the op to know whether the
-``triton`` backend can serve it; none exists yet."""
+"""Triton kernels (DESIGN.md §2), one module per kernel, imported only when the ``triton`` backend
+runs (this package itself does not import triton).
+
+The logits ops (kl_div, cross_entropy, mse, distillation) are one kernel with loss terms switched
+on at compile time, as on the CPU (csrc/cpu/fused_logits.cpp), so they share ``fused_logits``.
+Triton reads ``TRITON_INTERPRET`` when a kernel module is imported: set it before the first call.
+"""
+
+# op name (torch.ops.fastdistill.<op>) -> module in this package holding its kernel
+KERNEL_MODULES = {
+    "kl_div": "fused_logits",
+    "cross_entropy": "fused_logits",
+    "mse": "fused_logits",
+    "distillation": "fused_logits",
+    "cosine": "cosine",
+    "all_finite": "all_finite",
+}

@@ -1,0 +1,353 @@
+"""Triton kernel for the logits losses: KL at temperature T (× T²), hard cross-entropy and logit
+MSE, any subset in one row loop. Serves the kl_div, cross_entropy, mse and distillation ops, as
+csrc/cpu/fused_logits.cpp does on the CPU (DESIGN.md §1: a loss term is a small function inside
+one shared row loop, not a copy of the kernel).
+
+Per row (a program takes ROWS rows × BLOCK columns at a time: one row of a large vocabulary, or
+several short rows; int64 row offsets):
+  pass A  one read of the row in tiles of BLOCK elements: online maxima and softmax sums
+          (rescaled when a maximum moves) of s/T, t/T and, for CE at T != 1, of s; the sum of
+          squares for MSE; and dz = z_s - z_t accumulated term by term (see below);
+  pass B  a second read: each row's KL and the gradient, written once in the input dtype.
+When the row fits one tile (SINGLE), pass B reuses pass A's registers and the row is read once.
+
+Precision where distillation converges (student ≈ teacher): with v = log p_s − log p_t,
+  KL = Σ p_t (e^v − 1 − v)  (each term ≥ 0, series for small |v|),  p_s − p_t = p_t · expm1(v),
+and v needs δ = log(z_s / z_t) = log1p(dz / z_t) to ~1e-10, which the difference of two
+logsumexps cannot give. dz is kept online: a tile adds Σ e_t · expm1(u) (u = log(e_s / e_t)), and
+when the maxima move by factors a (student) and b (teacher), dz ← a·dz + (a − b)·z_t, with
+a − b = b · expm1(log a − log b) computed without cancellation.
+
+Units: exponents are in log2 units, x · log2(e)/T, so every exponential is one exp2.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fastdistill.triton._common import num_warps_for, store_output
+
+# Module constants read inside kernels must be tl.constexpr (compiled Triton rejects plain globals).
+LN2 = tl.constexpr(0.6931471805599453)
+LOG2E = tl.constexpr(1.4426950408889634)
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+# Largest row tile: 4096 fp32 lanes per input keep 16 values per thread per input at 8 warps,
+# below the size where published softmax kernels start spilling registers (8–16k elements).
+# The interpreter (tests without a GPU) pays a Python overhead per operation instead: larger tiles,
+# still small enough that V = 32000 and 128256 run the multi-tile loop.
+MAX_BLOCK = 16384 if INTERPRETED else 4096
+# Elements per program (ROWS x BLOCK) when rows are shorter than MAX_BLOCK, and the most rows:
+# every per-row statistic is a ROWS-vector, and 128 rows of the three-term kernel spilled
+# (bench/triton_compile_check.py); 16 do not.
+TILE_ELEMENTS = 65536 if INTERPRETED else 4096
+MAX_ROWS = 4096 if INTERPRETED else 16
+
+
+@triton.jit
+def _series_e_minus_1_minus_x(v):
+    # e^v − 1 − v to v^7: below 2e-8 relative for |v| < 1/4, where the direct form cancels.
+    q = 1.0 / 5040.0
+    q = q * v + 1.0 / 720.0
+    q = q * v + 1.0 / 120.0
+    q = q * v + 1.0 / 24.0
+    q = q * v + 1.0 / 6.0
+    q = q * v + 0.5
+    return q * v * v
+
+
+@triton.jit
+def _is_small(v):
+    return (v > -0.25) & (v < 0.25)  # false for NaN and ±inf
+
+
+@triton.jit
+def _log1p(x):
+    # log(1 + x) with the rounding of 1 + x undone (u − 1 is exact; Goldberg's trick): a few ulps
+    # for all x, where log(1 + x) alone loses ~6e-8/|x| relative for small x.
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
+def _finite_or_zero(m):
+    # A running maximum of -inf (nothing seen yet, or an all -inf prefix) must not turn
+    # x − m into NaN for the -inf entries of x: shift by 0 instead (exp2(-inf) = 0 either way).
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _rescale(m_old, m_new):
+    # exp2(m_old − m_new), 1 when unchanged (also when both are -inf).
+    return tl.where(m_old == m_new, 1.0, tl.exp2(m_old - m_new))
+
+
+@triton.jit
+def _load_tile(ptr, offs, in_tile):
+    return tl.load(ptr + offs, mask=in_tile, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def _tile_stats(
+    xs, xt, in_tile, c_t, inv_t,
+    ms, zs, mt, zt, dz, m1, z1, sq,
+    KL: tl.constexpr, CE: tl.constexpr, MSE: tl.constexpr, SHARE: tl.constexpr,
+):  # fmt: skip
+    """Fold one (ROWS, BLOCK) tile into the running per-row statistics (pass A)."""
+    if KL:
+        ys = xs * c_t
+        yt = xt * c_t
+        ms_new = tl.maximum(ms, tl.max(ys, axis=1))
+        mt_new = tl.maximum(mt, tl.max(yt, axis=1))
+        a = _rescale(ms, ms_new)
+        b = _rescale(mt, mt_new)
+        # a − b without cancellation when both maxima moved alike (student ≈ teacher).
+        d = ((ms - ms_new) - (mt - mt_new)) * LN2
+        a_minus_b = tl.where(_is_small(d), b * (_series_e_minus_1_minus_x(d) + d), a - b)
+        ms_safe = _finite_or_zero(ms_new)
+        mt_safe = _finite_or_zero(mt_new)
+        es = tl.exp2(ys - ms_safe[:, None])
+        et = tl.exp2(yt - mt_safe[:, None])
+        # log(es / et). The logits are subtracted before scaling: s − t is exact when they are
+        # close, while s/T − t/T would carry the rounding of each product (~1e-7 · |s|/T), which
+        # is all of u when the student is close to the teacher.
+        u = (xs - xt) * inv_t - ((ms_safe - mt_safe) * LN2)[:, None]
+        dz_terms = tl.where(_is_small(u), et * (_series_e_minus_1_minus_x(u) + u), es - et)
+        dz = a * dz + a_minus_b * zt + tl.sum(tl.where(in_tile, dz_terms, 0.0), axis=1)
+        zs = a * zs + tl.sum(es, axis=1)
+        zt = b * zt + tl.sum(et, axis=1)
+        ms = ms_new
+        mt = mt_new
+    if CE:
+        if not SHARE:
+            y1 = xs * LOG2E
+            m1_new = tl.maximum(m1, tl.max(y1, axis=1))
+            e1 = tl.exp2(y1 - _finite_or_zero(m1_new)[:, None])
+            z1 = _rescale(m1, m1_new) * z1 + tl.sum(e1, axis=1)
+            m1 = m1_new
+    if MSE:
+        diff = tl.where(in_tile, xs - xt, 0.0)
+        sq += tl.sum(diff * diff, axis=1)
+    return ms, zs, mt, zt, dz, m1, z1, sq
+
+
+@triton.jit
+def _tile_outputs(
+    xs, xt, cols, label, c_t, inv_t,
+    ms, mt, inv_zs, inv_zt, delta, m1, inv_z1,
+    w_kl, w_ce, w_mse,
+    KL: tl.constexpr, CE: tl.constexpr, MSE: tl.constexpr, SHARE: tl.constexpr,
+):  # fmt: skip
+    """One (ROWS, BLOCK) tile's KL terms and gradient (pass B); per-row values are (ROWS,). A term
+    whose weight is 0 adds nothing (the where() keeps NaN of an inactive term from leaking in)."""
+    kl_terms = tl.zeros_like(xs)
+    grad = tl.zeros_like(xs)
+    if KL:
+        ps = tl.exp2(xs * c_t - ms[:, None]) * inv_zs[:, None]
+        pt = tl.exp2(xt * c_t - mt[:, None]) * inv_zt[:, None]
+        # log p_s − log p_t, formed as u in pass A.
+        v = (xs - xt) * inv_t - ((ms - mt) * LN2 + delta)[:, None]
+        small = _is_small(v)
+        phi = _series_e_minus_1_minus_x(v)
+        # Large or non-finite v (-inf logits): direct forms, with p_t = 0 terms dropped
+        # explicitly (0 · inf would be NaN).
+        direct = (ps - pt) - tl.where(pt > 0.0, pt * v, 0.0)
+        kl_terms = tl.where(small, pt * phi, direct)
+        w = w_kl[:, None]
+        grad += tl.where(w != 0.0, w * tl.where(small, pt * (phi + v), ps - pt), 0.0)
+        p1 = ps
+    if CE:
+        if not SHARE:
+            p1 = tl.exp2(xs * LOG2E - m1[:, None]) * inv_z1[:, None]
+        onehot = tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
+        w = w_ce[:, None]
+        grad += tl.where(w != 0.0, w * (p1 - onehot), 0.0)
+    if MSE:
+        w = w_mse[:, None]
+        grad += tl.where(w != 0.0, w * (xs - xt), 0.0)
+    return kl_terms, grad
+
+
+@triton.jit
+def fused_logits_kernel(
+    student_ptr, student_row_stride,
+    teacher_ptr, teacher_row_stride,
+    labels_ptr, mask_ptr, scales_ptr,
+    row_kl_ptr, row_ce_ptr, row_mse_ptr, grad_ptr,
+    n_rows, n_cols, temperature, ignore_index,
+    KL: tl.constexpr, CE: tl.constexpr, MSE: tl.constexpr,
+    HAS_MASK: tl.constexpr, WRITE_GRAD: tl.constexpr, SHARE: tl.constexpr,
+    SINGLE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    s_rows = student_ptr + rows * student_row_stride
+    t_rows = teacher_ptr + rows * teacher_row_stride
+    g_rows = grad_ptr + rows * n_cols
+    cols0 = tl.arange(0, BLOCK)
+    inv_t = 1.0 / temperature
+    c_t = LOG2E * inv_t
+    neg_inf = float("-inf")
+    nan = float("nan")
+
+    # Which terms each row takes part in.
+    selected = row_ok
+    if HAS_MASK:
+        selected = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
+    kl_on = selected & KL
+    mse_on = selected & MSE
+    # The label as an int32 column index (-1 when out of range); the int64 label is not kept
+    # alive through the row loops.
+    label = tl.full((ROWS,), -1, tl.int32)
+    ce_on = row_ok & False
+    label_ok = row_ok & False
+    if CE:
+        label64 = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
+        ce_on = row_ok & (label64 != ignore_index)
+        label_ok = (label64 >= 0) & (label64 < n_cols)
+        label = tl.where(label_ok, label64, -1).to(tl.int32)
+    # Gradient weights (d total / d term / normaliser, T folded into KL and 2 into MSE); 0 turns
+    # a term off for a row.
+    w_kl = tl.where(kl_on, tl.load(scales_ptr + 0), 0.0)
+    w_ce = tl.where(ce_on, tl.load(scales_ptr + 1), 0.0)
+    w_mse = tl.where(mse_on, tl.load(scales_ptr + 2), 0.0)
+
+    # ---- pass A: row statistics ----
+    ms = tl.full((ROWS,), neg_inf, tl.float32)
+    mt = tl.full((ROWS,), neg_inf, tl.float32)
+    m1 = tl.full((ROWS,), neg_inf, tl.float32)
+    zs = tl.zeros((ROWS,), tl.float32)
+    zt = tl.zeros((ROWS,), tl.float32)
+    dz = tl.zeros((ROWS,), tl.float32)
+    z1 = tl.zeros((ROWS,), tl.float32)
+    sq = tl.zeros((ROWS,), tl.float32)
+    if SINGLE:
+        in_tile = row_ok[:, None] & (cols0 < n_cols)[None, :]
+        xs = _load_tile(s_rows[:, None], cols0[None, :], in_tile)
+        xt = xs
+        if KL or MSE:
+            xt = _load_tile(t_rows[:, None], cols0[None, :], in_tile)
+        ms, zs, mt, zt, dz, m1, z1, sq = _tile_stats(
+            xs, xt, in_tile, c_t, inv_t, ms, zs, mt, zt, dz, m1, z1, sq, KL, CE, MSE, SHARE
+        )
+    else:
+        for start in range(0, n_cols, BLOCK):
+            cols = start + cols0
+            in_tile = row_ok[:, None] & (cols < n_cols)[None, :]
+            xs = _load_tile(s_rows[:, None], cols[None, :], in_tile)
+            xt = xs
+            if KL or MSE:
+                xt = _load_tile(t_rows[:, None], cols[None, :], in_tile)
+            ms, zs, mt, zt, dz, m1, z1, sq = _tile_stats(
+                xs, xt, in_tile, c_t, inv_t, ms, zs, mt, zt, dz, m1, z1, sq, KL, CE, MSE, SHARE
+            )
+    if SHARE:
+        m1 = ms
+        z1 = zs
+
+    # A softmax is undefined on a row with NaN, +inf, or only -inf: its active terms (and its
+    # gradient) are NaN, as in the reference; never hidden. A CE label out of [0, n_cols) that
+    # is not ignore_index is NaN too (the host cannot raise without a sync; on CPU tensors the
+    # op checks labels before launching).
+    bad = row_ok & False
+    if KL:
+        kl_sum = ms + mt + zs + zt
+        kl_bad = (kl_sum != kl_sum) | (ms == float("inf")) | (mt == float("inf"))
+        kl_bad = kl_bad | (ms == neg_inf) | (mt == neg_inf)
+        bad = bad | (kl_on & kl_bad)
+    if CE:
+        ce_sum = m1 + z1
+        ce_bad = (ce_sum != ce_sum) | (m1 == float("inf")) | (m1 == neg_inf)
+        ce_bad = ce_bad | (~label_ok)
+        bad = bad | (ce_on & ce_bad)
+
+    inv_zs = 1.0 / zs
+    inv_zt = 1.0 / zt
+    delta = _log1p(dz / zt)
+    inv_z1 = 1.0 / z1
+    ms_safe = _finite_or_zero(ms)
+    mt_safe = _finite_or_zero(mt)
+    m1_safe = _finite_or_zero(m1)
+
+    # ---- pass B: KL terms and the gradient ----
+    kl_acc = tl.zeros((ROWS,), tl.float32)
+    if SINGLE:
+        kl_terms, grad = _tile_outputs(
+            xs, xt, cols0, label, c_t, inv_t, ms_safe, mt_safe, inv_zs, inv_zt, delta, m1_safe,
+            inv_z1, w_kl, w_ce, w_mse, KL, CE, MSE, SHARE,
+        )  # fmt: skip
+        kl_acc = tl.sum(tl.where(in_tile, kl_terms, 0.0), axis=1)
+        if WRITE_GRAD:
+            grad = tl.where(bad[:, None], nan, grad)
+            store_output(g_rows[:, None] + cols0[None, :], grad, in_tile)
+    else:
+        for start in range(0, n_cols, BLOCK):
+            cols = start + cols0
+            in_tile = row_ok[:, None] & (cols < n_cols)[None, :]
+            xs = _load_tile(s_rows[:, None], cols[None, :], in_tile)
+            xt = xs
+            if KL or MSE:
+                xt = _load_tile(t_rows[:, None], cols[None, :], in_tile)
+            kl_terms, grad = _tile_outputs(
+                xs, xt, cols, label, c_t, inv_t, ms_safe, mt_safe, inv_zs, inv_zt, delta, m1_safe,
+                inv_z1, w_kl, w_ce, w_mse, KL, CE, MSE, SHARE,
+            )  # fmt: skip
+            kl_acc += tl.sum(tl.where(in_tile, kl_terms, 0.0), axis=1)
+            if WRITE_GRAD:
+                grad = tl.where(bad[:, None], nan, grad)
+                store_output(g_rows[:, None] + cols[None, :], grad, in_tile)
+
+    if KL:
+        kl_row = tl.where(kl_on, kl_acc * temperature * temperature, 0.0)
+        tl.store(row_kl_ptr + rows, tl.where(kl_on & bad, nan, kl_row), mask=row_ok)
+    if CE:
+        x_label = tl.load(s_rows + label, mask=ce_on & label_ok, other=0.0).to(tl.float32)
+        ce_row = tl.where(ce_on, (m1_safe + tl.log2(z1)) * LN2 - x_label, 0.0)
+        tl.store(row_ce_ptr + rows, tl.where(ce_on & bad, nan, ce_row), mask=row_ok)
+    if MSE:
+        mse_row = tl.where(mse_on, tl.where(bad, nan, sq), 0.0)
+        tl.store(row_mse_ptr + rows, mse_row, mask=row_ok)
+
+
+def tile_shape(rows: int, cols: int) -> tuple[int, int]:
+    """(ROWS, BLOCK) of one program: a row tile of up to MAX_BLOCK columns, and as many rows as
+    fill TILE_ELEMENTS when rows are short (small vocabularies, hidden sizes), so that short rows
+    do not leave most of a program's threads idle."""
+    block = min(triton.next_power_of_2(cols), MAX_BLOCK)
+    per_program = max(1, min(TILE_ELEMENTS // block, MAX_ROWS))
+    return min(per_program, triton.next_power_of_2(max(rows, 1))), block
+
+
+def launch(
+    student, teacher, labels, mask_u8, scales, row_kl, row_ce, row_mse, grad, *,
+    temperature: float, ignore_index: int, kl: bool, ce: bool, mse: bool,
+) -> None:  # fmt: skip
+    """Launch on 2-D ``(rows, cols)`` views with unit column stride. ``scales`` is a float32
+    tensor [3] of gradient weights on the device; ``row_*`` are float32 ``(rows,)`` outputs for
+    the enabled terms; ``grad`` is a contiguous ``(rows, cols)`` buffer or None."""
+    rows, cols = student.shape
+    if rows == 0:
+        return
+    rows_per_program, block = tile_shape(rows, cols)
+    dummy = scales  # stands in for absent tensors; never dereferenced (constexpr-guarded)
+    teacher_arg = teacher if teacher is not None else student
+    fused_logits_kernel[(triton.cdiv(rows, rows_per_program),)](
+        student, student.stride(0),
+        teacher_arg, teacher_arg.stride(0),
+        labels if labels is not None else dummy,
+        mask_u8 if mask_u8 is not None else dummy,
+        scales,
+        row_kl if row_kl is not None else dummy,
+        row_ce if row_ce is not None else dummy,
+        row_mse if row_mse is not None else dummy,
+        grad if grad is not None else student,
+        rows, cols, float(temperature), int(ignore_index),
+        KL=kl, CE=ce, MSE=mse,
+        HAS_MASK=mask_u8 is not None,
+        WRITE_GRAD=grad is not None,
+        SHARE=kl and ce and float(temperature) == 1.0,
+        SINGLE=cols <= block,
+        ROWS=rows_per_program,
+        BLOCK=block,
+        num_warps=num_warps_for(rows_per_program * block),
+    )  # fmt: skip
