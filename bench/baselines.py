@@ -1,5 +1,6 @@
 """What fastdistill is measured against: the seed trainer's eager formulas, ``torch.compile`` of
-them, and (on a GPU, when importable) Liger-Kernel's kl_div pipeline.
+them, and (on a GPU, when importable) Liger-Kernel's kl_div pipelines (LigerKLDIVLoss, and LigerJSD
+at beta=0).
 
 The eager formulas are copied in meaning from the DistilBERT distiller the project replaces:
 
@@ -95,6 +96,14 @@ def eager_distillation(
     return total, kl.detach(), ce.detach(), mse.detach()
 
 
+def eager_all_finite(
+    s: Tensor, t: Tensor, labels: Tensor | None = None, mask: Tensor | None = None
+) -> Tensor:
+    """The plain-PyTorch finite check of both tensors (what a NaN guard without a host sync
+    does): one isfinite + all reduction per tensor, combined on the device. GPU benchmark only."""
+    return torch.isfinite(s).all() & torch.isfinite(t).all()
+
+
 EAGER: dict[str, LossFn] = {
     "kl_div": eager_kl_div,
     "kl_div_masked": eager_kl_div,
@@ -102,6 +111,7 @@ EAGER: dict[str, LossFn] = {
     "cross_entropy": eager_cross_entropy,
     "cosine": eager_cosine,
     "distillation": eager_distillation,
+    "all_finite": eager_all_finite,
 }
 
 
@@ -128,6 +138,10 @@ def fd_distillation(s, t, labels, mask=None, temperature: float = TEMPERATURE):
     return fdl.distillation_loss(s, t, labels=labels, mask=mask, temperature=temperature, **ALPHAS)
 
 
+def fd_all_finite(s, t, labels=None, mask=None):
+    return fdl.all_finite(s, t)
+
+
 FASTDISTILL: dict[str, LossFn] = {
     "kl_div": fd_kl_div,
     "kl_div_masked": fd_kl_div,
@@ -135,6 +149,7 @@ FASTDISTILL: dict[str, LossFn] = {
     "cross_entropy": fd_cross_entropy,
     "cosine": fd_cosine,
     "distillation": fd_distillation,
+    "all_finite": fd_all_finite,
 }
 
 
@@ -210,3 +225,24 @@ def liger_jsd_forward_kl(s, t, labels=None, mask=None, temperature: float = TEMP
 
 
 LIGER: dict[str, LossFn] = {"kl_div": liger_kl_div, "kl_div_masked": liger_kl_div}
+
+# The GPU benchmark times both of Liger's routes to KL(teacher ‖ student) that issue 3 names, by
+# implementation name: torch's log_softmax/softmax + LigerKLDIVLoss, and torch's two log_softmaxes
+# + LigerJSD(beta=0) (Liger's fused forward-KL kernel, which writes the gradient in its forward).
+# Both materialise the (log-)probabilities in torch first: that is Liger's pipeline, and its cost.
+LIGER_PIPELINES: dict[str, LossFn] = {
+    "liger-kldiv": liger_kl_div,
+    "liger-jsd": liger_jsd_forward_kl,
+}
+
+
+def liger_version() -> str | None:
+    """The installed Liger-Kernel version, or None when it is not installed."""
+    import importlib.metadata
+
+    for dist in ("liger-kernel", "liger-kernel-nightly"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
