@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastdistill.triton import all_finite, cosine, fused_logits  # noqa: E402
-from fastdistill.triton._common import num_warps_for  # noqa: E402
+from fastdistill.triton._common import num_warps_for, tile_shape  # noqa: E402
 
 _DT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # ptxas moves a scalar or two (4-16 bytes) to the stack in some variants even at 48-128 registers;
@@ -49,7 +49,7 @@ def _fused_logits_cases():
     for op, flags in terms.items():
         for dtype in ("float32", "bfloat16", "float16"):
             for vocab in (24, 1024, 32000):
-                rows_per_program, block = fused_logits.tile_shape(4096, vocab)
+                rows_per_program, block = tile_shape(4096, vocab, fused_logits.MAX_BLOCK)
                 d = _DT[dtype]
                 sig = {
                     "student_ptr": f"*{d}", "student_row_stride": "i64",
@@ -79,23 +79,29 @@ def _fused_logits_cases():
 
 def _cosine_cases():
     for dtype in ("float32", "bfloat16"):
-        for hidden in (768, 16384):
-            block = min(triton.next_power_of_2(hidden), cosine.MAX_BLOCK)
+        for hidden in (64, 768, 16384):
+            rows_per_program, block = tile_shape(4096, hidden, cosine.MAX_BLOCK)
             d = _DT[dtype]
             sig = {
                 "student_ptr": f"*{d}", "student_row_stride": "i64",
                 "teacher_ptr": f"*{d}", "teacher_row_stride": "i64",
                 "mask_ptr": "*u8", "scale_ptr": "*fp32", "row_loss_ptr": "*fp32",
-                "grad_ptr": f"*{d}", "n_cols": "i32",
+                "grad_ptr": f"*{d}", "n_rows": "i32", "n_cols": "i32",
             }  # fmt: skip
-            const = dict(HAS_MASK=True, WRITE_GRAD=True, SINGLE=hidden <= block, BLOCK=block)
+            const = dict(
+                HAS_MASK=True,
+                WRITE_GRAD=True,
+                SINGLE=hidden <= block,
+                ROWS=rows_per_program,
+                BLOCK=block,
+            )
             sig.update({k: "constexpr" for k in const})
             yield (
                 f"cosine[{dtype}, D={hidden}]",
                 cosine.cosine_kernel,
                 sig,
                 const,
-                num_warps_for(block),
+                num_warps_for(rows_per_program * block),
             )
 
 

@@ -1,7 +1,7 @@
 """Triton kernel for the hidden-state cosine loss, 1 − cos(s, t) per selected row, with torch's
 cosine_embedding_loss epsilon: cos = <s,t> / sqrt((|s|² + 1e-12)(|t|² + 1e-12)).
 
-One program per row (int64 offsets). Pass A accumulates <s,t>, |s|², |t|² in fp32 lanes over tiles
+A program takes ROWS rows × BLOCK columns (several short rows, or one long one; int64 offsets). Pass A accumulates <s,t>, |s|², |t|² in fp32 lanes over tiles
 of BLOCK elements; the per-row scalars are finished in fp64 (as the CPU kernel does); pass B
 writes the gradient d(1 − cos)/ds = −(t / denom − cos · s / (|s|² + eps)), times ``scale``
 (1 / normaliser, a device scalar). Hidden sizes up to 4096 fit one tile: pass B then reuses the
@@ -13,11 +13,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastdistill.triton._common import num_warps_for, store_output
+from fastdistill.triton._common import INTERPRETED, num_warps_for, store_output, tile_shape
 
 EPS = tl.constexpr(1e-12)  # torch's EPSILON in cosine_embedding_loss
 # Three fp32 accumulators per lane: 4096 keeps them at 16 per thread (8192 took 174 registers).
-MAX_BLOCK = 4096
+MAX_BLOCK = 16384 if INTERPRETED else 4096
 
 
 @triton.jit
@@ -25,58 +25,61 @@ def cosine_kernel(
     student_ptr, student_row_stride,
     teacher_ptr, teacher_row_stride,
     mask_ptr, scale_ptr, row_loss_ptr, grad_ptr,
-    n_cols,
-    HAS_MASK: tl.constexpr, WRITE_GRAD: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr,
+    n_rows, n_cols,
+    HAS_MASK: tl.constexpr, WRITE_GRAD: tl.constexpr, SINGLE: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    s_row = student_ptr + row * student_row_stride
-    t_row = teacher_ptr + row * teacher_row_stride
-    g_row = grad_ptr + row * n_cols
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    s_rows = (student_ptr + rows * student_row_stride)[:, None]
+    t_rows = (teacher_ptr + rows * teacher_row_stride)[:, None]
+    g_rows = (grad_ptr + rows * n_cols)[:, None]
     cols0 = tl.arange(0, BLOCK)
-    selected = True
+    selected = row_ok
     if HAS_MASK:
-        selected = tl.load(mask_ptr + row) != 0
+        selected = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
 
-    dot = tl.zeros((BLOCK,), tl.float32)
-    ss = tl.zeros((BLOCK,), tl.float32)
-    tt = tl.zeros((BLOCK,), tl.float32)
+    dot = tl.zeros((ROWS, BLOCK), tl.float32)
+    ss = tl.zeros((ROWS, BLOCK), tl.float32)
+    tt = tl.zeros((ROWS, BLOCK), tl.float32)
     if SINGLE:
-        in_row = cols0 < n_cols
-        x = tl.load(s_row + cols0, mask=in_row, other=0.0).to(tl.float32)
-        y = tl.load(t_row + cols0, mask=in_row, other=0.0).to(tl.float32)
+        in_tile = row_ok[:, None] & (cols0 < n_cols)[None, :]
+        x = tl.load(s_rows + cols0[None, :], mask=in_tile, other=0.0).to(tl.float32)
+        y = tl.load(t_rows + cols0[None, :], mask=in_tile, other=0.0).to(tl.float32)
         dot = x * y
         ss = x * x
         tt = y * y
     else:
         for start in range(0, n_cols, BLOCK):
             cols = start + cols0
-            in_row = cols < n_cols
-            xb = tl.load(s_row + cols, mask=in_row, other=0.0).to(tl.float32)
-            yb = tl.load(t_row + cols, mask=in_row, other=0.0).to(tl.float32)
+            in_tile = row_ok[:, None] & (cols < n_cols)[None, :]
+            xb = tl.load(s_rows + cols[None, :], mask=in_tile, other=0.0).to(tl.float32)
+            yb = tl.load(t_rows + cols[None, :], mask=in_tile, other=0.0).to(tl.float32)
             dot += xb * yb
             ss += xb * xb
             tt += yb * yb
-    ms = tl.sum(ss, axis=0).to(tl.float64) + EPS
-    denom = tl.sqrt(ms * (tl.sum(tt, axis=0).to(tl.float64) + EPS))
-    cos = tl.sum(dot, axis=0).to(tl.float64) / denom
-    tl.store(row_loss_ptr + row, tl.where(selected, (1.0 - cos).to(tl.float32), 0.0))
+    ms = tl.sum(ss, axis=1).to(tl.float64) + EPS
+    denom = tl.sqrt(ms * (tl.sum(tt, axis=1).to(tl.float64) + EPS))
+    cos = tl.sum(dot, axis=1).to(tl.float64) / denom
+    row_loss = tl.where(selected, (1.0 - cos).to(tl.float32), 0.0)
+    tl.store(row_loss_ptr + rows, row_loss, mask=row_ok)
 
     if WRITE_GRAD:
         scale = tl.load(scale_ptr).to(tl.float64)
         # Unselected rows get exact zeros, also where their data is NaN.
-        ct = tl.where(selected, (-scale / denom).to(tl.float32), 0.0)
-        cs = tl.where(selected, (scale * cos / ms).to(tl.float32), 0.0)
+        ct = tl.where(selected, (-scale / denom).to(tl.float32), 0.0)[:, None]
+        cs = tl.where(selected, (scale * cos / ms).to(tl.float32), 0.0)[:, None]
+        sel = selected[:, None]
         if SINGLE:
-            g = tl.where(selected, ct * y + cs * x, 0.0)
-            store_output(g_row + cols0, g, in_row)
+            store_output(g_rows + cols0[None, :], tl.where(sel, ct * y + cs * x, 0.0), in_tile)
         else:
             for start in range(0, n_cols, BLOCK):
                 cols = start + cols0
-                in_row = cols < n_cols
-                xb = tl.load(s_row + cols, mask=in_row, other=0.0).to(tl.float32)
-                yb = tl.load(t_row + cols, mask=in_row, other=0.0).to(tl.float32)
-                g = tl.where(selected, ct * yb + cs * xb, 0.0)
-                store_output(g_row + cols, g, in_row)
+                in_tile = row_ok[:, None] & (cols < n_cols)[None, :]
+                xb = tl.load(s_rows + cols[None, :], mask=in_tile, other=0.0).to(tl.float32)
+                yb = tl.load(t_rows + cols[None, :], mask=in_tile, other=0.0).to(tl.float32)
+                g = tl.where(sel, ct * yb + cs * xb, 0.0)
+                store_output(g_rows + cols[None, :], g, in_tile)
 
 
 def launch(student, teacher, mask_u8, scale, row_loss, grad) -> None:
@@ -85,17 +88,18 @@ def launch(student, teacher, mask_u8, scale, row_loss, grad) -> None:
     rows, cols = student.shape
     if rows == 0:
         return
-    block = min(triton.next_power_of_2(cols), MAX_BLOCK)
-    cosine_kernel[(rows,)](
+    rows_per_program, block = tile_shape(rows, cols, MAX_BLOCK)
+    cosine_kernel[(triton.cdiv(rows, rows_per_program),)](
         student, student.stride(0),
         teacher, teacher.stride(0),
         mask_u8 if mask_u8 is not None else scale,
         scale, row_loss,
         grad if grad is not None else student,
-        cols,
+        rows, cols,
         HAS_MASK=mask_u8 is not None,
         WRITE_GRAD=grad is not None,
         SINGLE=cols <= block,
+        ROWS=rows_per_program,
         BLOCK=block,
-        num_warps=num_warps_for(block),
+        num_warps=num_warps_for(rows_per_program * block),
     )  # fmt: skip

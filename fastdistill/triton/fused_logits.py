@@ -26,22 +26,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastdistill.triton._common import num_warps_for, store_output
+from fastdistill.triton._common import INTERPRETED, num_warps_for, store_output, tile_shape
 
 # Module constants read inside kernels must be tl.constexpr (compiled Triton rejects plain globals).
 LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = tl.constexpr(1.4426950408889634)
-INTERPRETED = bool(triton.knobs.runtime.interpret)
 # Largest row tile: 4096 fp32 lanes per input keep 16 values per thread per input at 8 warps,
 # below the size where published softmax kernels start spilling registers (8–16k elements).
 # The interpreter (tests without a GPU) pays a Python overhead per operation instead: larger tiles,
 # still small enough that V = 32000 and 128256 run the multi-tile loop.
 MAX_BLOCK = 16384 if INTERPRETED else 4096
-# Elements per program (ROWS x BLOCK) when rows are shorter than MAX_BLOCK, and the most rows:
-# every per-row statistic is a ROWS-vector, and 128 rows of the three-term kernel spilled
-# (bench/triton_compile_check.py); 16 do not.
-TILE_ELEMENTS = 65536 if INTERPRETED else 4096
-MAX_ROWS = 4096 if INTERPRETED else 16
 
 
 @triton.jit
@@ -309,15 +303,6 @@ def fused_logits_kernel(
         tl.store(row_mse_ptr + rows, mse_row, mask=row_ok)
 
 
-def tile_shape(rows: int, cols: int) -> tuple[int, int]:
-    """(ROWS, BLOCK) of one program: a row tile of up to MAX_BLOCK columns, and as many rows as
-    fill TILE_ELEMENTS when rows are short (small vocabularies, hidden sizes), so that short rows
-    do not leave most of a program's threads idle."""
-    block = min(triton.next_power_of_2(cols), MAX_BLOCK)
-    per_program = max(1, min(TILE_ELEMENTS // block, MAX_ROWS))
-    return min(per_program, triton.next_power_of_2(max(rows, 1))), block
-
-
 def launch(
     student, teacher, labels, mask_u8, scales, row_kl, row_ce, row_mse, grad, *,
     temperature: float, ignore_index: int, kl: bool, ce: bool, mse: bool,
@@ -328,7 +313,7 @@ def launch(
     rows, cols = student.shape
     if rows == 0:
         return
-    rows_per_program, block = tile_shape(rows, cols)
+    rows_per_program, block = tile_shape(rows, cols, MAX_BLOCK)
     dummy = scales  # stands in for absent tensors; never dereferenced (constexpr-guarded)
     teacher_arg = teacher if teacher is not None else student
     fused_logits_kernel[(triton.cdiv(rows, rows_per_program),)](
