@@ -3,6 +3,7 @@ autograd rule for ops that compute their gradient during the forward pass."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -176,6 +177,14 @@ def alloc_grad(student: Tensor, compute_grad: bool) -> Tensor:
     if compute_grad and student.device.type == "cpu":
         return _buffers.empty_cpu(student.shape, student.dtype)
     return empty_grad(student, compute_grad)
+
+
+def on_device(device: torch.device):
+    """Make ``device`` current for a GPU kernel launch: Triton and the CUDA launchers use the
+    current device's context and stream, which for tensors on cuda:1 must be cuda:1's."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 # ---- backend errors ----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from fastdistill.ops._common import (
     check_pair,
     empty_grad,
     flat_rows,
+    on_device,
     unsupported,
 )
 
@@ -227,12 +228,13 @@ def fused_logits_gpu(
         [terms.w_kl * temperature / d_kl, terms.w_ce / d_ce, 2.0 * terms.w_mse / d_mse]
     ).to(torch.float32)
     row_kl, row_ce, row_mse = _row_outputs(terms, rows, device)
-    launcher(
-        s2, t2, labels1, mask_u8, scales, row_kl, row_ce, row_mse,
-        grad.view(rows, cols) if grad.numel() else None,
-        temperature=temperature, ignore_index=ignore_index,
-        kl=terms.kl, ce=terms.ce, mse=terms.mse,
-    )  # fmt: skip
+    with on_device(device):
+        launcher(
+            s2, t2, labels1, mask_u8, scales, row_kl, row_ce, row_mse,
+            grad.view(rows, cols) if grad.numel() else None,
+            temperature=temperature, ignore_index=ignore_index,
+            kl=terms.kl, ce=terms.ce, mse=terms.mse,
+        )  # fmt: skip
     # Deterministic reduction over rows (no atomics), in float64 like the CPU kernel.
     zero = _device_scalar(0.0, device)
     kl = row_kl.sum(dtype=torch.float64) / d_kl if terms.kl else zero

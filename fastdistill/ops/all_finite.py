@@ -9,7 +9,7 @@ from torch import Tensor
 
 from fastdistill import _native
 from fastdistill.backend import select_backend
-from fastdistill.ops._common import unsupported
+from fastdistill.ops._common import on_device, unsupported
 
 
 def float_tensors(tensors: list[Tensor]) -> list[Tensor]:
@@ -43,7 +43,8 @@ def _all_finite_gpu(launch, floats: list[Tensor]) -> Tensor:
     flag = torch.ones(1, dtype=torch.int32, device=floats[0].device)
     for t in floats:
         if t.dtype in _native.DTYPE_CODES:
-            launch(t.contiguous().view(-1), flag)
+            with on_device(t.device):
+                launch(t.contiguous().view(-1), flag)
         else:  # e.g. float8: no kernel; fold torch's answer into the flag on the device
             flag.mul_(torch.isfinite(t).all().to(torch.int32))
     return flag[0] != 0

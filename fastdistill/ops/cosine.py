@@ -17,6 +17,7 @@ from fastdistill.ops._common import (
     check_pair,
     empty_grad,
     flat_rows,
+    on_device,
     register_saved_grad_autograd,
     unsupported,
 )
@@ -68,7 +69,8 @@ def _cosine_gpu(launch, student, teacher, mask, reduction, grad):
         divisor = torch.full((), 1.0, **f64)
     scale = (1.0 / divisor).to(torch.float32).reshape(1)
     row_loss = torch.empty(rows, dtype=torch.float32, device=student.device)
-    launch(s2, t2, mask_u8, scale, row_loss, grad.view(s2.shape) if grad.numel() else None)
+    with on_device(student.device):
+        launch(s2, t2, mask_u8, scale, row_loss, grad.view(s2.shape) if grad.numel() else None)
     if reduction == "none":
         return row_loss.view(student.shape[:-1]), grad
     return (row_loss.sum(dtype=torch.float64) / divisor).to(torch.float32), grad
