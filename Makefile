@@ -3,7 +3,7 @@ PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 PYTEST ?= pytest
 
-.PHONY: install test test-triton bench lint format env
+.PHONY: install test test-triton compile-check gpu-check bench lint format env
 
 # torch is pinned and installed first: left to resolve `torch` itself, pip pulls the multi-GB
 # CUDA build. --no-build-isolation builds against the scikit-build-core/pybind11 installed here;
@@ -16,9 +16,17 @@ install:
 test:
 	$(PYTEST) -q
 
-# The Triton kernels on CPU tensors, through the Triton interpreter (DESIGN.md section 7).
+# Only the Triton kernels (CPU tensors, Triton interpreter; `make test` includes them too).
 test-triton:
-	FASTDISTILL_BACKEND=triton TRITON_INTERPRET=1 $(PYTEST) -q tests
+	TRITON_INTERPRET=1 $(PYTEST) -q tests -k triton
+
+# Triton kernels compiled for sm_80/sm_90 without a GPU, registers and spills reported.
+compile-check:
+	$(PYTHON) -m bench.triton_compile_check
+
+# On a GPU machine: CUDA build, GPU tests, GPU benchmark (bench/README.md).
+gpu-check:
+	bash bench/gpu_check.sh
 
 bench:
 	$(PYTEST) bench -q
