@@ -18,7 +18,7 @@ logsumexps cannot give. dz is kept online: a tile adds Σ e_t · expm1(u) (u = l
 when the maxima move by factors a (student) and b (teacher), dz ← a·dz + (a − b)·z_t, with
 a − b = b · expm1(log a − log b) computed without cancellation.
 
-Units: exponents are in log2 units, x · log2(e)/T, so every exponential is one exp2.
+Maxima are kept in logit units; every exponential is one exp2 of (x − max) · log2(e)/T.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import triton.language as tl
 from fastdistill.triton._common import INTERPRETED, num_warps_for, store_output, tile_shape
 
 # Module constants read inside kernels must be tl.constexpr (compiled Triton rejects plain globals).
-LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = tl.constexpr(1.4426950408889634)
 # Largest row tile: 4096 fp32 lanes per input keep 16 values per thread per input at 8 warps,
 # below the size where published softmax kernels start spilling registers (8–16k elements).
@@ -71,9 +70,9 @@ def _finite_or_zero(m):
 
 
 @triton.jit
-def _rescale(m_old, m_new):
-    # exp2(m_old − m_new), 1 when unchanged (also when both are -inf).
-    return tl.where(m_old == m_new, 1.0, tl.exp2(m_old - m_new))
+def _rescale(m_old, m_new, scale):
+    # exp2((m_old − m_new) · scale), 1 when unchanged (also when both are -inf).
+    return tl.where(m_old == m_new, 1.0, tl.exp2((m_old - m_new) * scale))
 
 
 @triton.jit
@@ -89,23 +88,21 @@ def _tile_stats(
 ):  # fmt: skip
     """Fold one (ROWS, BLOCK) tile into the running per-row statistics (pass A)."""
     if KL:
-        ys = xs * c_t
-        yt = xt * c_t
-        ms_new = tl.maximum(ms, tl.max(ys, axis=1))
-        mt_new = tl.maximum(mt, tl.max(yt, axis=1))
-        a = _rescale(ms, ms_new)
-        b = _rescale(mt, mt_new)
+        ms_new = tl.maximum(ms, tl.max(xs, axis=1))
+        mt_new = tl.maximum(mt, tl.max(xt, axis=1))
+        a = _rescale(ms, ms_new, c_t)
+        b = _rescale(mt, mt_new, c_t)
         # a − b without cancellation when both maxima moved alike (student ≈ teacher).
-        d = ((ms - ms_new) - (mt - mt_new)) * LN2
+        d = ((ms - ms_new) - (mt - mt_new)) * inv_t
         a_minus_b = tl.where(_is_small(d), b * (_series_e_minus_1_minus_x(d) + d), a - b)
         ms_safe = _finite_or_zero(ms_new)
         mt_safe = _finite_or_zero(mt_new)
-        es = tl.exp2(ys - ms_safe[:, None])
-        et = tl.exp2(yt - mt_safe[:, None])
-        # log(es / et). The logits are subtracted before scaling: s − t is exact when they are
-        # close, while s/T − t/T would carry the rounding of each product (~1e-7 · |s|/T), which
-        # is all of u when the student is close to the teacher.
-        u = (xs - xt) * inv_t - ((ms_safe - mt_safe) * LN2)[:, None]
+        es = tl.exp2((xs - ms_safe[:, None]) * c_t)
+        et = tl.exp2((xt - mt_safe[:, None]) * c_t)
+        # log(es / et). Differences of logits come before the scaling: s − t is exact when they
+        # are close, while s/T − t/T would carry the rounding of each product (~1e-7 · |s|/T),
+        # which is all of u when the student is close to the teacher.
+        u = ((xs - xt) - (ms_safe - mt_safe)[:, None]) * inv_t
         dz_terms = tl.where(_is_small(u), et * (_series_e_minus_1_minus_x(u) + u), es - et)
         dz = a * dz + a_minus_b * zt + tl.sum(tl.where(in_tile, dz_terms, 0.0), axis=1)
         zs = a * zs + tl.sum(es, axis=1)
@@ -114,10 +111,9 @@ def _tile_stats(
         mt = mt_new
     if CE:
         if not SHARE:
-            y1 = xs * LOG2E
-            m1_new = tl.maximum(m1, tl.max(y1, axis=1))
-            e1 = tl.exp2(y1 - _finite_or_zero(m1_new)[:, None])
-            z1 = _rescale(m1, m1_new) * z1 + tl.sum(e1, axis=1)
+            m1_new = tl.maximum(m1, tl.max(xs, axis=1))
+            e1 = tl.exp2((xs - _finite_or_zero(m1_new)[:, None]) * LOG2E)
+            z1 = _rescale(m1, m1_new, LOG2E) * z1 + tl.sum(e1, axis=1)
             m1 = m1_new
     if MSE:
         diff = tl.where(in_tile, xs - xt, 0.0)
@@ -137,10 +133,10 @@ def _tile_outputs(
     kl_terms = tl.zeros_like(xs)
     grad = tl.zeros_like(xs)
     if KL:
-        ps = tl.exp2(xs * c_t - ms[:, None]) * inv_zs[:, None]
-        pt = tl.exp2(xt * c_t - mt[:, None]) * inv_zt[:, None]
+        ps = tl.exp2((xs - ms[:, None]) * c_t) * inv_zs[:, None]
+        pt = tl.exp2((xt - mt[:, None]) * c_t) * inv_zt[:, None]
         # log p_s − log p_t, formed as u in pass A.
-        v = (xs - xt) * inv_t - ((ms - mt) * LN2 + delta)[:, None]
+        v = ((xs - xt) - (ms - mt)[:, None]) * inv_t - delta[:, None]
         small = _is_small(v)
         phi = _series_e_minus_1_minus_x(v)
         # Large or non-finite v (-inf logits): direct forms, with p_t = 0 terms dropped
@@ -152,7 +148,7 @@ def _tile_outputs(
         p1 = ps
     if CE:
         if not SHARE:
-            p1 = tl.exp2(xs * LOG2E - m1[:, None]) * inv_z1[:, None]
+            p1 = tl.exp2((xs - m1[:, None]) * LOG2E) * inv_z1[:, None]
         onehot = tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
         w = w_ce[:, None]
         grad += tl.where(w != 0.0, w * (p1 - onehot), 0.0)
@@ -296,7 +292,8 @@ def fused_logits_kernel(
         tl.store(row_kl_ptr + rows, tl.where(kl_on & bad, nan, kl_row), mask=row_ok)
     if CE:
         x_label = tl.load(s_rows + label, mask=ce_on & label_ok, other=0.0).to(tl.float32)
-        ce_row = tl.where(ce_on, (m1_safe + tl.log2(z1)) * LN2 - x_label, 0.0)
+        # lse(s) − s[label] = (max − s[label]) + log z1: the exact difference first (V = 1 gives 0).
+        ce_row = tl.where(ce_on, (m1_safe - x_label) + tl.log(z1), 0.0)
         tl.store(row_ce_ptr + rows, tl.where(ce_on & bad, nan, ce_row), mask=row_ok)
     if MSE:
         mse_row = tl.where(mse_on, tl.where(bad, nan, sq), 0.0)
