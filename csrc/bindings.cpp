@@ -7,11 +7,14 @@
 #include <sys/mman.h>
 
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/simd_math.h"
+#include "cuda/kernels_cuda.h"
 
 namespace py = pybind11;
 using namespace fastdistill;
@@ -89,10 +92,62 @@ void call_kernel(F&& f) {
   }
 }
 
+// ---- CUDA entry points ------------------------------------------------------------------------
+static_assert(int{gpu::kGpuFloat32} == int{kFloat32} && int{gpu::kGpuBFloat16} == int{kBFloat16} &&
+                  int{gpu::kGpuFloat16} == int{kFloat16},
+              "csrc/cuda/kernels_cuda.h and csrc/cpu/simd_math.h disagree on dtype codes");
+
+[[noreturn]] void no_cuda() {
+  throw std::runtime_error(
+      "fastdistill was built without CUDA kernels; reinstall on a machine with a CUDA toolkit "
+      "(FASTDISTILL_CUDA=1 forces it)");
+}
+
+// Launches a CUDA kernel without the GIL (a launch can block while the launch queue is full) and
+// turns its status into ValueError (bad argument) or RuntimeError (CUDA error).
+template <typename F>
+void call_cuda(const char* name, F&& f) {
+#if FD_BUILT_CUDA
+  gpu::Status st;
+  {
+    py::gil_scoped_release release;
+    st = f();
+  }
+  if (st.code == gpu::Status::kInvalidArgument) {
+    std::string msg = std::string(name) + ": invalid " + (st.message ? st.message : "argument");
+    // "invalid dtype (code 7)", as the CPU entry points say it.
+    if (st.value != gpu::Status::kNoValue)
+      msg += (std::strcmp(st.message, "dtype") == 0 ? " (code " : " (value ") +
+             std::to_string(st.value) + ")";
+    throw py::value_error(msg);
+  }
+  if (st.code != gpu::Status::kOk)
+    throw std::runtime_error(std::string(name) + ": CUDA error: " +
+                             (st.message ? st.message : "unknown"));
+#else
+  (void)name;
+  (void)f;
+  no_cuda();
+#endif
+}
+
+// Without CUDA sources the launchers do not exist; these stand-ins are never called (call_cuda
+// raises first) but keep the lambdas below identical in both builds.
+#if !FD_BUILT_CUDA
+namespace no_cuda_stubs {
+gpu::Status fused_logits(const gpu::FusedLogitsArgs&) { no_cuda(); }
+gpu::Status cosine(const gpu::CosineArgs&) { no_cuda(); }
+gpu::Status all_finite(const void*, int64_t, int, int32_t*, void*) { no_cuda(); }
+}  // namespace no_cuda_stubs
+namespace launch = no_cuda_stubs;
+#else
+namespace launch = fastdistill::gpu;
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "fastdistill compiled core (torch-independent CPU kernels)";
+  m.doc() = "fastdistill compiled core (torch-independent CPU and CUDA kernels)";
 
   m.def("isa", [] { return std::string(variant().name); },
         "Name of the CPU instruction-set variant in use.");
@@ -203,6 +258,84 @@ PYBIND11_MODULE(_C, m) {
       py::arg("teacher_row_stride"), py::arg("mask"), py::arg("rows"), py::arg("cols"),
       py::arg("dtype"), py::arg("norm"), py::arg("row_loss"), py::arg("out"), py::arg("grad"),
       py::arg("num_threads"));
+
+  // CUDA kernels (csrc/cuda): device pointers as integers, `stream` = a cudaStream_t as an integer
+  // (torch.cuda.current_stream().cuda_stream). They enqueue work and return; errors surface as
+  // ValueError (bad argument) or RuntimeError (CUDA error; or a build without CUDA kernels).
+  m.def(
+      "fused_logits_cuda",
+      [](std::uintptr_t student, int64_t student_row_stride, std::uintptr_t teacher,
+         int64_t teacher_row_stride, std::uintptr_t labels, std::uintptr_t mask, int64_t rows,
+         int64_t cols, int dtype, float temperature, int64_t ignore_index, bool use_kl,
+         bool use_ce, bool use_mse, std::uintptr_t scales, std::uintptr_t row_kl,
+         std::uintptr_t row_ce, std::uintptr_t row_mse, std::uintptr_t grad,
+         std::uintptr_t stream) {
+        gpu::FusedLogitsArgs a;
+        a.student = ptr<void>(student);
+        a.student_row_stride = student_row_stride;
+        a.teacher = ptr<void>(teacher);
+        a.teacher_row_stride = teacher_row_stride;
+        a.labels = ptr<int64_t>(labels);
+        a.mask = ptr<uint8_t>(mask);
+        a.rows = rows;
+        a.cols = cols;
+        a.dtype = dtype;
+        a.temperature = temperature;
+        a.ignore_index = ignore_index;
+        a.use_kl = use_kl;
+        a.use_ce = use_ce;
+        a.use_mse = use_mse;
+        a.scales = ptr<float>(scales);
+        a.row_kl = mut_ptr<float>(row_kl);
+        a.row_ce = mut_ptr<float>(row_ce);
+        a.row_mse = mut_ptr<float>(row_mse);
+        a.grad = mut_ptr<void>(grad);
+        a.stream = mut_ptr<void>(stream);
+        call_cuda("fused_logits_cuda", [&] { return launch::fused_logits(a); });
+      },
+      py::arg("student"), py::arg("student_row_stride"), py::arg("teacher"),
+      py::arg("teacher_row_stride"), py::arg("labels"), py::arg("mask"), py::arg("rows"),
+      py::arg("cols"), py::arg("dtype"), py::arg("temperature"), py::arg("ignore_index"),
+      py::arg("use_kl"), py::arg("use_ce"), py::arg("use_mse"), py::arg("scales"),
+      py::arg("row_kl"), py::arg("row_ce"), py::arg("row_mse"), py::arg("grad"),
+      py::arg("stream"));
+
+  m.def(
+      "cosine_cuda",
+      [](std::uintptr_t student, int64_t student_row_stride, std::uintptr_t teacher,
+         int64_t teacher_row_stride, std::uintptr_t mask, int64_t rows, int64_t cols, int dtype,
+         std::uintptr_t scale, std::uintptr_t row_loss, std::uintptr_t grad,
+         std::uintptr_t stream) {
+        gpu::CosineArgs a;
+        a.student = ptr<void>(student);
+        a.student_row_stride = student_row_stride;
+        a.teacher = ptr<void>(teacher);
+        a.teacher_row_stride = teacher_row_stride;
+        a.mask = ptr<uint8_t>(mask);
+        a.rows = rows;
+        a.cols = cols;
+        a.dtype = dtype;
+        a.scale = ptr<float>(scale);
+        a.row_loss = mut_ptr<float>(row_loss);
+        a.grad = mut_ptr<void>(grad);
+        a.stream = mut_ptr<void>(stream);
+        call_cuda("cosine_cuda", [&] { return launch::cosine(a); });
+      },
+      py::arg("student"), py::arg("student_row_stride"), py::arg("teacher"),
+      py::arg("teacher_row_stride"), py::arg("mask"), py::arg("rows"), py::arg("cols"),
+      py::arg("dtype"), py::arg("scale"), py::arg("row_loss"), py::arg("grad"),
+      py::arg("stream"));
+
+  m.def(
+      "all_finite_cuda",
+      [](std::uintptr_t data, int64_t numel, int dtype, std::uintptr_t flag,
+         std::uintptr_t stream) {
+        call_cuda("all_finite_cuda", [&] {
+          return launch::all_finite(ptr<void>(data), numel, dtype, mut_ptr<int32_t>(flag),
+                                    mut_ptr<void>(stream));
+        });
+      },
+      py::arg("data"), py::arg("numel"), py::arg("dtype"), py::arg("flag"), py::arg("stream"));
 
   m.def(
       "all_finite",
