@@ -239,17 +239,21 @@ def fused_logits_kernel(
     # gradient) are NaN, as in the reference; never hidden. A CE label out of [0, n_cols) that
     # is not ignore_index is NaN too (the host cannot raise without a sync; on CPU tensors the
     # op checks labels before launching).
-    bad = row_ok & False
+    kl_nan = row_ok & False
+    ce_nan = row_ok & False
     if KL:
         kl_sum = ms + mt + zs + zt
         kl_bad = (kl_sum != kl_sum) | (ms == float("inf")) | (mt == float("inf"))
         kl_bad = kl_bad | (ms == neg_inf) | (mt == neg_inf)
-        bad = bad | (kl_on & kl_bad)
+        kl_nan = kl_on & kl_bad
     if CE:
         ce_sum = m1 + z1
         ce_bad = (ce_sum != ce_sum) | (m1 == float("inf")) | (m1 == neg_inf)
         ce_bad = ce_bad | (~label_ok)
-        bad = bad | (ce_on & ce_bad)
+        ce_nan = ce_on & ce_bad
+    # Each term is NaN only where its own softmax is undefined (a NaN teacher leaves CE finite,
+    # as in the reference); the gradient of the total is NaN where any term is.
+    bad = kl_nan | ce_nan
 
     inv_zs = 1.0 / zs
     inv_zt = 1.0 / zt
@@ -289,14 +293,14 @@ def fused_logits_kernel(
 
     if KL:
         kl_row = tl.where(kl_on, kl_acc * temperature * temperature, 0.0)
-        tl.store(row_kl_ptr + rows, tl.where(kl_on & bad, nan, kl_row), mask=row_ok)
+        tl.store(row_kl_ptr + rows, tl.where(kl_nan, nan, kl_row), mask=row_ok)
     if CE:
         x_label = tl.load(s_rows + label, mask=ce_on & label_ok, other=0.0).to(tl.float32)
         # lse(s) − s[label] = (max − s[label]) + log z1: the exact difference first (V = 1 gives 0).
         ce_row = tl.where(ce_on, (m1_safe - x_label) + tl.log(z1), 0.0)
-        tl.store(row_ce_ptr + rows, tl.where(ce_on & bad, nan, ce_row), mask=row_ok)
+        tl.store(row_ce_ptr + rows, tl.where(ce_nan, nan, ce_row), mask=row_ok)
     if MSE:
-        mse_row = tl.where(mse_on, tl.where(bad, nan, sq), 0.0)
+        mse_row = tl.where(mse_on, sq, 0.0)  # IEEE arithmetic: inf or NaN as the data says
         tl.store(row_mse_ptr + rows, mse_row, mask=row_ok)
 
 
