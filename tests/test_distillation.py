@@ -316,24 +316,7 @@ def test_nan_propagates(switch_impl, rng, impl_name):
     assert torch.isnan(out[0]) and torch.isnan(out[1]) and not bool(all_finite(out[0])), rng.tag
 
 
-# The CPU kernel turns every term of a row NaN when the row's KL is undefined, including CE, which
-# does not read the teacher (reference, Triton and CUDA keep it finite). Left as a known bug.
-CPU_NAN_TEACHER_SPOILS_CE = pytest.mark.xfail(
-    reason="csrc/cpu/fused_logits.cpp: a NaN teacher row makes that row's CE NaN too", strict=True
-)
-
-
-@pytest.mark.parametrize(
-    "impl_name",
-    [
-        pytest.param(
-            p.values[0],
-            id=p.id,
-            marks=[CPU_NAN_TEACHER_SPOILS_CE] if p.values[0].startswith("native") else [],
-        )
-        for p in impl_params()
-    ],
-)
+@pytest.mark.parametrize("impl_name", impl_params())
 def test_nan_teacher_leaves_ce_finite(switch_impl, rng, impl_name):
     """CE reads only the student: a NaN in the teacher makes kl (and the total) NaN, not ce."""
     switch_impl(impl_name)

@@ -172,8 +172,19 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
     }
   }
   if (share) z1_d = zs_d;
-  // NaN anywhere in the row has made a softmax sum NaN: same treatment as a bad max above.
-  if ((KL && !std::isfinite(zs_d + zt_d)) || (CE && !std::isfinite(z1_d))) return nan_row();
+  // NaN anywhere in the row has made a softmax sum NaN: same treatment as a bad max above, except
+  // that a term whose own sum is fine keeps its value (a NaN teacher leaves CE finite, as in the
+  // reference; MSE follows IEEE arithmetic).
+  const bool kl_bad = KL && !std::isfinite(zs_d + zt_d);
+  const bool ce_bad = CE && !std::isfinite(z1_d);
+  if (kl_bad || ce_bad) {
+    nan_row();
+    if (CE && !ce_bad) {
+      res.ce = static_cast<float>(static_cast<double>(ms) + std::log(z1_d) - load(s, label));
+    }
+    if (MSE) res.mse = static_cast<float>(sq_d);
+    return res;
+  }
   const double log_z1 = std::log(z1_d);
   if constexpr (CE) {
     res.ce = static_cast<float>(static_cast<double>(ms) + log_z1 - load(s, label));
