@@ -145,8 +145,9 @@ def _device_scalar(x, device: torch.device) -> Tensor:
     return torch.full((), float(x), dtype=torch.float64, device=device)
 
 
-def _divisor(norm: int, count, cols: int, device: torch.device) -> Tensor:
-    """What a term's sum over rows is divided by (csrc/cpu/kernels.h, enum Norm)."""
+def device_divisor(norm: int, count, cols: int, device: torch.device) -> Tensor:
+    """What a term's sum over rows is divided by (csrc/cpu/kernels.h, enum Norm), on the device;
+    ``count`` (selected rows) is a device tensor or a Python number."""
     if norm == _native.NORM_SUM:
         return _device_scalar(1.0, device)
     count = _device_scalar(count, device).clamp_min(1.0)
@@ -220,9 +221,9 @@ def fused_logits_gpu(
     rows, cols = s2.shape
     n_sel = mask_u8.sum(dtype=torch.float64) if mask_u8 is not None else rows
     n_lab = (labels1 != ignore_index).sum(dtype=torch.float64) if terms.ce else rows
-    d_kl = _divisor(terms.norm_kl, n_sel, cols, device)
-    d_ce = _divisor(terms.norm_ce, n_lab, cols, device)
-    d_mse = _divisor(terms.norm_mse, n_sel, cols, device)
+    d_kl = device_divisor(terms.norm_kl, n_sel, cols, device)
+    d_ce = device_divisor(terms.norm_ce, n_lab, cols, device)
+    d_mse = device_divisor(terms.norm_mse, n_sel, cols, device)
     # d(total)/d(term) / normaliser, with d(T² KL)/ds = T (p_s − p_t) and d(Σ(s−t)²)/ds = 2(s − t).
     scales = torch.stack(
         [terms.w_kl * temperature / d_kl, terms.w_ce / d_ce, 2.0 * terms.w_mse / d_mse]

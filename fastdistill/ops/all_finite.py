@@ -40,13 +40,14 @@ def _all_finite_cpu(floats: list[Tensor]) -> Tensor:
 
 def _all_finite_gpu(launch, floats: list[Tensor]) -> Tensor:
     """One device flag, cleared by any kernel that sees a non-finite element: no host sync."""
-    flag = torch.ones(1, dtype=torch.int32, device=floats[0].device)
-    for t in floats:
-        if t.dtype in _native.DTYPE_CODES:
-            with on_device(t.device):
+    device = floats[0].device  # all on one device (checked by fastdistill.losses.all_finite)
+    flag = torch.ones(1, dtype=torch.int32, device=device)
+    with on_device(device):
+        for t in floats:
+            if t.dtype in _native.DTYPE_CODES:
                 launch(t.contiguous().view(-1), flag)
-        else:  # e.g. float8: no kernel; fold torch's answer into the flag on the device
-            flag.mul_(torch.isfinite(t).all().to(torch.int32))
+            else:  # e.g. float8: no kernel; fold torch's answer into the flag on the device
+                flag.mul_(torch.isfinite(t).all().to(torch.int32))
     return flag[0] != 0
 
 

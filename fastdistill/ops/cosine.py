@@ -21,16 +21,30 @@ from fastdistill.ops._common import (
     register_saved_grad_autograd,
     unsupported,
 )
+from fastdistill.ops._fused_logits import device_divisor
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _cosine_native(student, teacher, mask, reduction, grad):
-    # Raw-op callers skip the public checks; the kernel trusts its pointers (see _fused_logits).
+def _norm(reduction: str) -> int:
+    # "mean" is over selected rows (CosineEmbeddingLoss), not rows x D.
+    return _native.NORM_ROWS if reduction == "mean" else _native.NORM_SUM
+
+
+def _checked_rows(student, teacher, mask):
+    """Validated ``(rows, D)`` views and the uint8 row mask for a kernel. Raw-op callers skip the
+    public checks and the kernels trust their pointers (see _fused_logits._checked_rows)."""
     check_pair(student, teacher, "student_hidden", "teacher_hidden")
-    mask = check_mask(mask, student.shape[:-1], student.device)
-    s2, t2 = as_rows(student), as_rows(teacher)
-    mask1 = flat_rows(mask)
+    mask1 = flat_rows(check_mask(mask, student.shape[:-1], student.device))
+    return (
+        as_rows(student),
+        as_rows(teacher),
+        mask1.view(torch.uint8) if mask1 is not None else None,
+    )
+
+
+def _cosine_native(student, teacher, mask, reduction, grad):
+    s2, t2, mask_u8 = _checked_rows(student, teacher, mask)
     out = torch.empty(1, dtype=torch.float32)
     row_loss = torch.empty(student.shape[:-1], dtype=torch.float32) if reduction == "none" else None
     _native.core().cosine(
@@ -38,11 +52,11 @@ def _cosine_native(student, teacher, mask, reduction, grad):
         student_row_stride=s2.stride(0),
         teacher=t2.data_ptr(),
         teacher_row_stride=t2.stride(0),
-        mask=_native.ptr(mask1.view(torch.uint8) if mask1 is not None else None),
+        mask=_native.ptr(mask_u8),
         rows=s2.shape[0],
         cols=s2.shape[1],
         dtype=_native.DTYPE_CODES[student.dtype],
-        norm=_native.NORM_ROWS if reduction == "mean" else _native.NORM_SUM,
+        norm=_norm(reduction),
         row_loss=_native.ptr(row_loss),
         out=out.data_ptr(),
         grad=grad.data_ptr() if grad.numel() else 0,
@@ -53,20 +67,10 @@ def _cosine_native(student, teacher, mask, reduction, grad):
 
 def _cosine_gpu(launch, student, teacher, mask, reduction, grad):
     """Triton or CUDA kernel: per-row losses and the gradient; the reduction is a device op."""
-    check_pair(student, teacher, "student_hidden", "teacher_hidden")
-    mask = check_mask(mask, student.shape[:-1], student.device)
-    s2, t2 = as_rows(student), as_rows(teacher)
-    mask1 = flat_rows(mask)
-    mask_u8 = mask1.view(torch.uint8) if mask1 is not None else None
-    rows = s2.shape[0]
-    f64 = dict(dtype=torch.float64, device=student.device)
-    if reduction == "mean":
-        n_sel = (
-            mask_u8.sum(dtype=torch.float64) if mask_u8 is not None else torch.full((), rows, **f64)
-        )
-        divisor = n_sel.clamp_min(1.0)
-    else:
-        divisor = torch.full((), 1.0, **f64)
+    s2, t2, mask_u8 = _checked_rows(student, teacher, mask)
+    rows, cols = s2.shape
+    n_sel = mask_u8.sum(dtype=torch.float64) if mask_u8 is not None else rows
+    divisor = device_divisor(_norm(reduction), n_sel, cols, student.device)
     scale = (1.0 / divisor).to(torch.float32).reshape(1)
     row_loss = torch.empty(rows, dtype=torch.float32, device=student.device)
     with on_device(student.device):
