@@ -21,6 +21,16 @@ MAX_BLOCK = 16384 if INTERPRETED else 4096
 
 
 @triton.jit
+def _load_tiles(s_rows, t_rows, row_ok, cols, n_cols):
+    """The (ROWS, BLOCK) student and teacher tiles in fp32 (0 outside the rows) and the lanes in
+    them."""
+    in_tile = row_ok[:, None] & (cols < n_cols)[None, :]
+    x = tl.load(s_rows + cols[None, :], mask=in_tile, other=0.0).to(tl.float32)
+    y = tl.load(t_rows + cols[None, :], mask=in_tile, other=0.0).to(tl.float32)
+    return x, y, in_tile
+
+
+@triton.jit
 def cosine_kernel(
     student_ptr, student_row_stride,
     teacher_ptr, teacher_row_stride,
@@ -43,18 +53,14 @@ def cosine_kernel(
     ss = tl.zeros((ROWS, BLOCK), tl.float32)
     tt = tl.zeros((ROWS, BLOCK), tl.float32)
     if SINGLE:
-        in_tile = row_ok[:, None] & (cols0 < n_cols)[None, :]
-        x = tl.load(s_rows + cols0[None, :], mask=in_tile, other=0.0).to(tl.float32)
-        y = tl.load(t_rows + cols0[None, :], mask=in_tile, other=0.0).to(tl.float32)
+        x, y, in_tile = _load_tiles(s_rows, t_rows, row_ok, cols0, n_cols)
         dot = x * y
         ss = x * x
         tt = y * y
     else:
         for start in range(0, n_cols, BLOCK):
             cols = start + cols0
-            in_tile = row_ok[:, None] & (cols < n_cols)[None, :]
-            xb = tl.load(s_rows + cols[None, :], mask=in_tile, other=0.0).to(tl.float32)
-            yb = tl.load(t_rows + cols[None, :], mask=in_tile, other=0.0).to(tl.float32)
+            xb, yb, in_tile = _load_tiles(s_rows, t_rows, row_ok, cols, n_cols)
             dot += xb * yb
             ss += xb * xb
             tt += yb * yb
@@ -75,9 +81,7 @@ def cosine_kernel(
         else:
             for start in range(0, n_cols, BLOCK):
                 cols = start + cols0
-                in_tile = row_ok[:, None] & (cols < n_cols)[None, :]
-                xb = tl.load(s_rows + cols[None, :], mask=in_tile, other=0.0).to(tl.float32)
-                yb = tl.load(t_rows + cols[None, :], mask=in_tile, other=0.0).to(tl.float32)
+                xb, yb, in_tile = _load_tiles(s_rows, t_rows, row_ok, cols, n_cols)
                 g = tl.where(sel, ct * yb + cs * xb, 0.0)
                 store_output(g_rows + cols[None, :], g, in_tile)
 

@@ -76,8 +76,17 @@ def _rescale(m_old, m_new, scale):
 
 
 @triton.jit
-def _load_tile(ptr, offs, in_tile):
-    return tl.load(ptr + offs, mask=in_tile, other=float("-inf")).to(tl.float32)
+def _load_tiles(s_rows, t_rows, row_ok, cols, n_cols, KL: tl.constexpr, MSE: tl.constexpr):
+    """The (ROWS, BLOCK) student tile and, for KL/MSE, the teacher tile, in fp32; lanes outside
+    the rows read -inf (no probability mass). Returns (xs, xt, in_tile); xt is xs without KL/MSE."""
+    in_tile = row_ok[:, None] & (cols < n_cols)[None, :]
+    xs = tl.load(s_rows[:, None] + cols[None, :], mask=in_tile, other=float("-inf"))
+    xs = xs.to(tl.float32)
+    xt = xs
+    if KL or MSE:
+        xt = tl.load(t_rows[:, None] + cols[None, :], mask=in_tile, other=float("-inf"))
+        xt = xt.to(tl.float32)
+    return xs, xt, in_tile
 
 
 @triton.jit
@@ -212,22 +221,14 @@ def fused_logits_kernel(
     z1 = tl.zeros((ROWS,), tl.float32)
     sq = tl.zeros((ROWS,), tl.float32)
     if SINGLE:
-        in_tile = row_ok[:, None] & (cols0 < n_cols)[None, :]
-        xs = _load_tile(s_rows[:, None], cols0[None, :], in_tile)
-        xt = xs
-        if KL or MSE:
-            xt = _load_tile(t_rows[:, None], cols0[None, :], in_tile)
+        xs, xt, in_tile = _load_tiles(s_rows, t_rows, row_ok, cols0, n_cols, KL, MSE)
         ms, zs, mt, zt, dz, m1, z1, sq = _tile_stats(
             xs, xt, in_tile, c_t, inv_t, ms, zs, mt, zt, dz, m1, z1, sq, KL, CE, MSE, SHARE
         )
     else:
         for start in range(0, n_cols, BLOCK):
             cols = start + cols0
-            in_tile = row_ok[:, None] & (cols < n_cols)[None, :]
-            xs = _load_tile(s_rows[:, None], cols[None, :], in_tile)
-            xt = xs
-            if KL or MSE:
-                xt = _load_tile(t_rows[:, None], cols[None, :], in_tile)
+            xs, xt, in_tile = _load_tiles(s_rows, t_rows, row_ok, cols, n_cols, KL, MSE)
             ms, zs, mt, zt, dz, m1, z1, sq = _tile_stats(
                 xs, xt, in_tile, c_t, inv_t, ms, zs, mt, zt, dz, m1, z1, sq, KL, CE, MSE, SHARE
             )
@@ -277,11 +278,7 @@ def fused_logits_kernel(
     else:
         for start in range(0, n_cols, BLOCK):
             cols = start + cols0
-            in_tile = row_ok[:, None] & (cols < n_cols)[None, :]
-            xs = _load_tile(s_rows[:, None], cols[None, :], in_tile)
-            xt = xs
-            if KL or MSE:
-                xt = _load_tile(t_rows[:, None], cols[None, :], in_tile)
+            xs, xt, in_tile = _load_tiles(s_rows, t_rows, row_ok, cols, n_cols, KL, MSE)
             kl_terms, grad = _tile_outputs(
                 xs, xt, cols, label, c_t, inv_t, ms_safe, mt_safe, inv_zs, inv_zt, delta, m1_safe,
                 inv_z1, w_kl, w_ce, w_mse, KL, CE, MSE, SHARE,
