@@ -36,9 +36,25 @@ _DT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 MAX_SPILL_BYTES = 64
 
 
+def _row_kernel_case(name, kernel, sig, cols, max_block, **flags):
+    """A case for a row kernel (fused logits, cosine) on 4096 rows of ``cols`` columns, with the
+    launch shape and warps its launcher would pick (fastdistill.triton._common.tile_shape)."""
+    rows_per_program, block = tile_shape(4096, cols, max_block)
+    const = dict(
+        flags,
+        HAS_MASK=True,
+        WRITE_GRAD=True,
+        SINGLE=cols <= block,
+        ROWS=rows_per_program,
+        BLOCK=block,
+    )
+    sig = dict(sig, **{k: "constexpr" for k in const})
+    return name, kernel, sig, const, num_warps_for(rows_per_program * block)
+
+
 def _fused_logits_cases():
-    """(name, kernel, signature, constexprs, num_warps) for the fused logits kernel: the term sets
-    the four ops use, each dtype, the one-tile and the tiled row loops."""
+    """The fused logits kernel: the term sets the four ops use, each dtype, the one-tile and the
+    tiled row loops."""
     terms = {
         "kl_div": dict(KL=True, CE=False, MSE=False, SHARE=False),
         "cross_entropy": dict(KL=False, CE=True, MSE=False, SHARE=False),
@@ -48,60 +64,38 @@ def _fused_logits_cases():
     }
     for op, flags in terms.items():
         for dtype in ("float32", "bfloat16", "float16"):
+            d = _DT[dtype]
+            sig = {
+                "student_ptr": f"*{d}", "student_row_stride": "i64",
+                "teacher_ptr": f"*{d}", "teacher_row_stride": "i64",
+                "labels_ptr": "*i64", "mask_ptr": "*u8", "scales_ptr": "*fp32",
+                "row_kl_ptr": "*fp32", "row_ce_ptr": "*fp32", "row_mse_ptr": "*fp32",
+                "grad_ptr": f"*{d}", "n_rows": "i32", "n_cols": "i32", "temperature": "fp32",
+                "ignore_index": "i64",
+            }  # fmt: skip
             for vocab in (24, 1024, 32000):
-                rows_per_program, block = tile_shape(4096, vocab, fused_logits.MAX_BLOCK)
-                d = _DT[dtype]
-                sig = {
-                    "student_ptr": f"*{d}", "student_row_stride": "i64",
-                    "teacher_ptr": f"*{d}", "teacher_row_stride": "i64",
-                    "labels_ptr": "*i64", "mask_ptr": "*u8", "scales_ptr": "*fp32",
-                    "row_kl_ptr": "*fp32", "row_ce_ptr": "*fp32", "row_mse_ptr": "*fp32",
-                    "grad_ptr": f"*{d}", "n_rows": "i32", "n_cols": "i32", "temperature": "fp32",
-                    "ignore_index": "i64",
-                }  # fmt: skip
-                const = dict(
-                    flags,
-                    HAS_MASK=True,
-                    WRITE_GRAD=True,
-                    SINGLE=vocab <= block,
-                    ROWS=rows_per_program,
-                    BLOCK=block,
-                )
-                sig.update({k: "constexpr" for k in const})
-                yield (
+                yield _row_kernel_case(
                     f"fused_logits[{op}, {dtype}, V={vocab}]",
                     fused_logits.fused_logits_kernel,
                     sig,
-                    const,
-                    num_warps_for(rows_per_program * block),
+                    vocab,
+                    fused_logits.MAX_BLOCK,
+                    **flags,
                 )
 
 
 def _cosine_cases():
     for dtype in ("float32", "bfloat16"):
+        d = _DT[dtype]
+        sig = {
+            "student_ptr": f"*{d}", "student_row_stride": "i64",
+            "teacher_ptr": f"*{d}", "teacher_row_stride": "i64",
+            "mask_ptr": "*u8", "scale_ptr": "*fp32", "row_loss_ptr": "*fp32",
+            "grad_ptr": f"*{d}", "n_rows": "i32", "n_cols": "i32",
+        }  # fmt: skip
         for hidden in (64, 768, 16384):
-            rows_per_program, block = tile_shape(4096, hidden, cosine.MAX_BLOCK)
-            d = _DT[dtype]
-            sig = {
-                "student_ptr": f"*{d}", "student_row_stride": "i64",
-                "teacher_ptr": f"*{d}", "teacher_row_stride": "i64",
-                "mask_ptr": "*u8", "scale_ptr": "*fp32", "row_loss_ptr": "*fp32",
-                "grad_ptr": f"*{d}", "n_rows": "i32", "n_cols": "i32",
-            }  # fmt: skip
-            const = dict(
-                HAS_MASK=True,
-                WRITE_GRAD=True,
-                SINGLE=hidden <= block,
-                ROWS=rows_per_program,
-                BLOCK=block,
-            )
-            sig.update({k: "constexpr" for k in const})
-            yield (
-                f"cosine[{dtype}, D={hidden}]",
-                cosine.cosine_kernel,
-                sig,
-                const,
-                num_warps_for(rows_per_program * block),
+            yield _row_kernel_case(
+                f"cosine[{dtype}, D={hidden}]", cosine.cosine_kernel, sig, hidden, cosine.MAX_BLOCK
             )
 
 
