@@ -4,36 +4,13 @@ sees the same global batch."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 
-import torch
-import torch.multiprocessing as mp
 import transformers
+from _ddp import train_two_processes_and_one
 from safetensors.torch import load_file
 
-from fastdistill.train import TrainConfig, train
 from fastdistill.train.demo import tiny_inputs
 from fastdistill.train.student import init_student_from_teacher
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, config: dict) -> None:
-    # What torchrun sets for each process.
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    train(TrainConfig(**config))
 
 
 def test_two_gloo_processes_equal_one_process(tmp_path):
@@ -54,25 +31,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         tensorboard=False,
         device="cpu",
     )
-    # Each run builds its own cache: in the 2-process run rank 0 builds it, rank 1 only reads it.
-    two = dict(
-        common, batch_size=4, output_dir=str(tmp_path / "two"), cache_dir=str(tmp_path / "c2")
-    )
-    mp.spawn(_worker, args=(2, _free_port(), two), nprocs=2, join=True)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        one = train(
-            TrainConfig(
-                **common,
-                batch_size=8,
-                output_dir=str(tmp_path / "one"),
-                cache_dir=str(tmp_path / "c1"),
-            )
-        )
-    finally:
-        torch.set_num_threads(threads)
+    one = train_two_processes_and_one(tmp_path, common, global_batch=8)
     assert one["steps"] == 4
     a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))

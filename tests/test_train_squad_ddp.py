@@ -3,37 +3,17 @@ once (rank 0) and end with the weights of one process that sees the same global 
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 import transformers
+from _ddp import train_two_processes_and_one
 from safetensors.torch import load_file
 
-from fastdistill.train import TrainConfig, train
+from fastdistill.train import TrainConfig
 from fastdistill.train.demo import tiny_squad_inputs
 
 DEV = Path(__file__).parent / "data" / "dev-v2.0.json"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, config: dict) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    train(TrainConfig(**config))
 
 
 def test_two_processes_build_the_cache_once_and_match_one_process(tmp_path):
@@ -56,23 +36,7 @@ def test_two_processes_build_the_cache_once_and_match_one_process(tmp_path):
         tensorboard=False,
         device="cpu",
     )
-    two = dict(
-        common, batch_size=4, output_dir=str(tmp_path / "two"), cache_dir=str(tmp_path / "c2")
-    )
-    mp.spawn(_worker, args=(2, _free_port(), two), nprocs=2, join=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(
-            TrainConfig(
-                **common,
-                batch_size=8,
-                output_dir=str(tmp_path / "one"),
-                cache_dir=str(tmp_path / "c1"),
-            )
-        )
-    finally:
-        torch.set_num_threads(threads)
+    train_two_processes_and_one(tmp_path, common, global_batch=8)
     assert [p.name.startswith("squad-") for p in (tmp_path / "c2").iterdir()] == [True]
     a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
