@@ -48,8 +48,13 @@ def eager_loss(s_logits, t_logits, s_hidden, t_hidden, labels, attn):
 
 def fused_loss(s_logits, t_logits, s_hidden, t_hidden, labels, attn):
     total, _, _, _ = FL.distillation_loss(
-        s_logits, t_logits, labels=labels, mask=attn, temperature=T,
-        alpha_kl=ALPHA_KL, alpha_ce=ALPHA_MLM,
+        s_logits,
+        t_logits,
+        labels=labels,
+        mask=attn,
+        temperature=T,
+        alpha_kl=ALPHA_KL,
+        alpha_ce=ALPHA_MLM,
     )
     return total + ALPHA_COS * FL.cosine_loss(s_hidden, t_hidden, mask=attn)
 
@@ -104,11 +109,15 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             runners[k]()
             best_loss[k] = min(best_loss[k], time.perf_counter() - t0)
-    print(f"BERT-vocab step: batch {args.batch} x {args.seq} tokens, V={V}, student 2x256, "
-          f"teacher 4x256, torch threads {torch.get_num_threads()}, best of {args.reps}")
+    print(
+        f"BERT-vocab step: batch {args.batch} x {args.seq} tokens, V={V}, student 2x256, "
+        f"teacher 4x256, torch threads {torch.get_num_threads()}, best of {args.reps}"
+    )
     for k in impls:
-        print(f"  {k:5s}: step {best[k] * 1e3:8.1f} ms, loss fwd+bwd {best_loss[k] * 1e3:7.1f} ms "
-              f"(~{100 * best_loss[k] / best[k]:.0f}% of the step)")
+        print(
+            f"  {k:5s}: step {best[k] * 1e3:8.1f} ms, loss fwd+bwd {best_loss[k] * 1e3:7.1f} ms "
+            f"(~{100 * best_loss[k] / best[k]:.0f}% of the step)"
+        )
     print(f"  fused step is {best['eager'] / best['fused']:.2f}x faster than eager")
     return 0
 
