@@ -25,17 +25,19 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr float kLog2e = 1.44269504088896341f;
 
-// e^v - 1 - v by its series to v^7: for |v| < 1/4 the truncation is below 2e-8 relative and
-// nothing cancels (the direct form loses all digits as v -> 0).
+// e^v - 1 - v = v^2 q(v) for |v| < 1/4, q a degree-4 minimax fit of (e^v - 1 - v)/v^2 there
+// (relative error 2.4e-8); nothing cancels, where the direct form loses all digits as v -> 0.
 inline float exp_minus_1_minus_x_small(float v) {
-  float q = 1.0f / 5040.0f;
-  q = q * v + 1.0f / 720.0f;
-  q = q * v + 1.0f / 120.0f;
-  q = q * v + 1.0f / 24.0f;
-  q = q * v + 1.0f / 6.0f;
+  float q = 1.38977263e-3f;
+  q = q * v + 8.34884122e-3f;
+  q = q * v + 4.16667014e-2f;
+  q = q * v + 1.66666418e-1f;
   q = q * v + 0.5f;
   return q * v * v;
 }
+
+// e^v - 1 for |v| < 1/4, from the same series.
+inline float expm1_small(float v) { return exp_minus_1_minus_x_small(v) + v; }
 
 inline bool is_small(float v) { return v > -0.25f && v < 0.25f; }  // false for NaN and inf
 
@@ -71,12 +73,140 @@ inline float row_max(const T* x, int64_t n) {
   return m;
 }
 
+// ---- pass 2 and pass 3 of one row, over a column block [j0, j1) --------------------------------
+// The portable loops below are `omp simd` loops the compiler vectorises for each ISA variant;
+// fused_logits_avx512.h has hand-vectorised versions of the same two functions (same arguments,
+// same arithmetic) that the AVX-512 variant uses instead.
+
+// Pass 2 keeps its exponentials (student and teacher at T; student at 1 for CE) in a per-thread
+// fp32 scratch row, L2-resident for V up to ~64k, so pass 3 computes no exp.
+struct Pass2Args {
+  float ms, mt;  // row maxima of student and teacher
+  float dm;      // ms - mt
+  float c_t;     // log2(e) / T: e^((x - m)/T) = 2^((x - m) c_t)
+  float inv_t;   // 1 / T
+  float *keep_s, *keep_t, *keep_1, *keep_u;  // e_s, e_t (at T), e_1 (student at 1), u
+  // The next row pair, prefetched into L2 while this row computes (AVX-512 loops only: one prefetch
+  // per cache line needs an explicit loop). next_bytes = 0: nothing to prefetch.
+  const char* next_s = nullptr;
+  const char* next_t = nullptr;
+  int64_t next_bytes = 0;
+};
+
+// Block sums, fp32 per SIMD lane; the caller adds them up across blocks in double.
+struct Pass2Sums {
+  float zs = 0.0f, zt = 0.0f, dz = 0.0f, z1 = 0.0f, sq = 0.0f;
+};
+
+// Template flags: KL, E1 (the CE exponential e^(s - ms), unless CE shares the KL student softmax at
+// T = 1), MSE, KEEP (write the scratch rows).
+template <typename T, bool KL, bool E1, bool MSE, bool KEEP>
+Pass2Sums pass2_portable(const T* s, const T* t, const Pass2Args& p, int64_t j0, int64_t j1) {
+  float zs = 0.0f, zt = 0.0f, dz = 0.0f, z1 = 0.0f, sq = 0.0f;
+  const float ms = p.ms, mt = p.mt, dm = p.dm, c_t = p.c_t, inv_t = p.inv_t;
+#pragma omp simd reduction(+ : zs, zt, dz, z1, sq)
+  for (int64_t j = j0; j < j1; ++j) {
+    const float x = load(s, j);
+    float y = 0.0f;
+    if constexpr (KL || MSE) y = load(t, j);
+    if constexpr (KL) {
+      const float es = fd_exp2((x - ms) * c_t);
+      const float et = fd_exp2((y - mt) * c_t);
+      zs += es;
+      zt += et;
+      const float u = ((x - y) - dm) * inv_t;
+      if constexpr (KEEP) {
+        p.keep_s[j] = es;
+        p.keep_t[j] = et;
+        p.keep_u[j] = u;
+      }
+      dz += is_small(u) ? et * expm1_small(u) : es - et;
+    }
+    if constexpr (E1) {
+      const float e1 = fd_exp2((x - ms) * kLog2e);
+      if constexpr (KEEP) p.keep_1[j] = e1;
+      z1 += e1;
+    }
+    if constexpr (MSE) {
+      const float d = x - y;
+      sq += d * d;
+    }
+  }
+  return Pass2Sums{zs, zt, dz, z1, sq};
+}
+
+struct Pass3Args {
+  const float *keep_s, *keep_t, *keep_u;
+  const float* e1;  // e^(s - ms): keep_1, or keep_s when CE shares the KL softmax
+  // f / zs and f / zt: the probabilities come out scaled by the KL gradient weight f, so the
+  // gradient needs no multiply; the KL sum is divided by f afterwards. f = 1 where the weight is 0
+  // or not finite, and then kl_grad_scale (otherwise 1) multiplies the KL gradient instead.
+  float ps_scale, pt_scale;
+  float kl_grad_scale;
+  float delta;
+  float wce_1, wce, wmse;  // gradient weights of the other terms; wce_1 = wce / z1
+  int64_t label;
+};
+
+// Pass 3: the KL sum (times f, returned) and, with GRAD, the gradient of columns [j0, j1) written
+// to out[0 .. j1 - j0). Per column, with v = u - delta and a = f p_t (e^v - 1 - v), b = f p_t v:
+//   KL term  = small |v| ? a : f (p_s - p_t) - b
+//   gradient = small |v| ? a + b : f (p_s - p_t)       (both = f p_t expm1(v) = f (p_s - p_t))
+// p_t = 0 columns drop b (0 * inf would be NaN for a -inf logit).
+template <typename T, bool KL, bool CE, bool MSE, bool GRAD>
+float pass3_portable(const T* s, const T* t, const Pass3Args& p, int64_t j0, int64_t j1, T* out) {
+  float kl = 0.0f;
+  const float ps_scale = p.ps_scale, pt_scale = p.pt_scale, delta = p.delta;
+  const float kl_grad_scale = p.kl_grad_scale;
+  const float wce_1 = p.wce_1, wce = p.wce, wmse = p.wmse;
+  const int64_t label = p.label;
+#pragma omp simd reduction(+ : kl)
+  for (int64_t j = j0; j < j1; ++j) {
+    float gv = 0.0f;
+    if constexpr (KL) {
+      const float et = p.keep_t[j];
+      const float pt = et * pt_scale;
+      const float d = p.keep_s[j] * ps_scale - pt;
+      const float v = p.keep_u[j] - delta;
+      const bool small = is_small(v);  // false for NaN and inf v (-inf logits)
+      const float a = pt * exp_minus_1_minus_x_small(v);
+      const float b = et > 0.0f ? pt * v : 0.0f;
+      kl += small ? a : d - b;
+      if constexpr (GRAD) gv = (small ? a + b : d) * kl_grad_scale;
+    }
+    if constexpr (GRAD) {
+      if constexpr (CE) gv += wce_1 * p.e1[j] - (j == label ? wce : 0.0f);
+      if constexpr (MSE) gv += wmse * (load(s, j) - load(t, j));
+      store(out, j - j0, gv);
+    }
+  }
+  return kl;
+}
+
+}  // namespace
+}  // namespace FD_ISA
+}  // namespace fastdistill
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include "cpu/fused_logits_avx512.h"
+#define FD_PASS2 pass2_avx512
+#define FD_PASS3 pass3_avx512
+#else
+#define FD_PASS2 pass2_portable
+#define FD_PASS3 pass3_portable
+#endif
+
+namespace fastdistill {
+namespace FD_ISA {
+namespace {
+
 // One row with the terms KL/CE/MSE switched on at compile time. Returns the unnormalised row
 // values and, if g != nullptr, writes w.kl*(p_s - p_t) + w.ce*(p1 - onehot) + w.mse*(s - t)
-// (the caller folds T into w.kl and the 2 of d(s-t)^2 into w.mse).
+// (the caller folds T into w.kl and the 2 of d(s-t)^2 into w.mse). next_s/next_t: the row pair
+// that follows, prefetched during this one (null: none).
 template <typename T, bool KL, bool CE, bool MSE>
-RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t label,
-                      RowWeights w, T* g) {
+RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t label, RowWeights w,
+                      T* g, const T* next_s, const T* next_t) {
   RowResult res;
   // Rows whose softmax is undefined propagate NaN (the reference gives NaN too), never hide it.
   auto nan_row = [&] {
@@ -101,75 +231,47 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
 
   // The CE softmax is at temperature 1; with T == 1 it is the KL student softmax.
   const bool share = KL && CE && temp == 1.0f;
-  // Pass 2 keeps its exponentials (student and teacher at T; student at 1 for CE) in a per-thread
-  // fp32 scratch row, L2-resident for V up to ~64k, so pass 3 computes no exp.
   const bool keep = KL || g;
-  float* keep_s = nullptr;
-  float* keep_t = nullptr;
-  float* keep_1 = nullptr;
-  float* keep_u = nullptr;  // u = (s - t - (ms - mt)) / T, see pass 3
+  Pass2Args p2{ms, mt, ms - mt, kLog2e * inv_t, inv_t, nullptr, nullptr, nullptr, nullptr};
+  if (next_s) {
+    p2.next_s = reinterpret_cast<const char*>(next_s);
+    p2.next_t = reinterpret_cast<const char*>(next_t ? next_t : next_s);
+    p2.next_bytes = V * static_cast<int64_t>(sizeof(T));
+  }
   if (keep) {
     thread_local std::vector<float> scratch;
     if (scratch.size() < static_cast<size_t>(4 * V)) scratch.resize(static_cast<size_t>(4 * V));
-    keep_s = scratch.data();
-    keep_t = keep_s + V;
-    keep_1 = keep_t + V;
-    keep_u = keep_1 + V;
+    p2.keep_s = scratch.data();
+    p2.keep_t = p2.keep_s + V;
+    p2.keep_1 = p2.keep_t + V;
+    p2.keep_u = p2.keep_1 + V;  // u = (s - t - (ms - mt)) / T, see pass 3
   }
   // Sums run in fp32 SIMD lanes within a block and in double across blocks: one fp32
   // accumulator per lane over 128k terms loses low bits (loss error ~5e-5 at V = 128256).
-  constexpr int64_t kBlock = 4096;  // 16 KiB of fp32 per input: a block stays in L1
+  // 1024 columns: at most 64 (AVX-512) to 128 (AVX2) terms per lane before the double sum.
+  constexpr int64_t kBlock = 1024;
   // dz = sum (e_s - e_t) = zs - zt, accumulated term by term as e_t expm1(u) (see pass 3) so
   // that log(zs/zt) = log1p(dz/zt) is accurate to ~1e-10 even when zs and zt agree to 1e-7.
-  const float dm = ms - mt;
-  const float c_t = kLog2e * inv_t;  // e^((x - m)/T) = 2^((x - m) * log2(e)/T)
   double zs_d = 0.0, zt_d = 0.0, dz_d = 0.0, z1_d = 0.0, sq_d = 0.0;
-  auto pass2 = [&](auto keep_tag, int64_t j0, int64_t j1) {
-    constexpr bool kKeep = decltype(keep_tag)::value;
-    float zs = 0.0f, zt = 0.0f, dz = 0.0f, z1 = 0.0f, sq = 0.0f;
-#pragma omp simd reduction(+ : zs, zt, dz, z1, sq)
-    for (int64_t j = j0; j < j1; ++j) {
-      const float x = load(s, j);
-      float y = 0.0f;
-      if constexpr (KL || MSE) y = load(t, j);
-      if constexpr (KL) {
-        const float es = fd_exp2((x - ms) * c_t);
-        const float et = fd_exp2((y - mt) * c_t);
-        if constexpr (kKeep) {
-          keep_s[j] = es;
-          keep_t[j] = et;
-        }
-        zs += es;
-        zt += et;
-        const float u = ((x - y) - dm) * inv_t;
-        if constexpr (kKeep) keep_u[j] = u;
-        dz += is_small(u) ? et * (exp_minus_1_minus_x_small(u) + u) : es - et;
-      }
-      if constexpr (CE) {
-        if (!share) {
-          const float e1 = fd_exp2((x - ms) * kLog2e);
-          if constexpr (kKeep) keep_1[j] = e1;
-          z1 += e1;
-        }
-      }
-      if constexpr (MSE) {
-        const float d = x - y;
-        sq += d * d;
-      }
+  auto pass2 = [&](auto e1_tag, auto keep_tag) {
+    constexpr bool kE1 = decltype(e1_tag)::value, kKeep = decltype(keep_tag)::value;
+    for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+      const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
+      const Pass2Sums b = FD_PASS2<T, KL, kE1, MSE, kKeep>(s, t, p2, j0, j1);
+      zs_d += b.zs;
+      zt_d += b.zt;
+      dz_d += b.dz;
+      z1_d += b.z1;
+      sq_d += b.sq;
     }
-    zs_d += zs;
-    zt_d += zt;
-    dz_d += dz;
-    z1_d += z1;
-    sq_d += sq;
   };
-  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
-    const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
-    if (keep) {
-      pass2(std::true_type{}, j0, j1);
-    } else {
-      pass2(std::false_type{}, j0, j1);
-    }
+  using True = std::true_type;
+  using False = std::false_type;
+  if (CE && !share) {
+    keep ? pass2(std::integral_constant<bool, CE>{}, True{})
+         : pass2(std::integral_constant<bool, CE>{}, False{});
+  } else {
+    keep ? pass2(False{}, True{}) : pass2(False{}, False{});
   }
   if (share) z1_d = zs_d;
   // NaN anywhere in the row has made a softmax sum NaN: same treatment as a bad max above, except
@@ -199,51 +301,43 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
   //   p_s - p_t = p_t expm1(v).
   // Small |v| uses the series of e^v - 1 - v and expm1 (nothing cancels); large |v| uses the
   // direct forms, which are accurate there. Pass 3 reads pass 2's scratch (e_s, e_t, u), not the
-  // logits rows; only the MSE term re-reads them (from L2).
-  const float inv_zs = static_cast<float>(1.0 / zs_d);
-  const float inv_zt = static_cast<float>(1.0 / zt_d);
-  const float delta = static_cast<float>(std::log1p(dz_d / zt_d));
-  const float wkl = w.kl;
-  const float wce_1 = static_cast<float>(w.ce / z1_d);
-  const float wce = w.ce, wmse = w.mse;
-  const float* e1 = share ? keep_s : keep_1;
+  // logits rows; only the MSE term re-reads them (from L2). The KL gradient weight is folded into
+  // the probabilities (see Pass3Args) unless it is 0 or not finite.
+  const float f = std::isfinite(w.kl) && w.kl != 0.0f ? w.kl : 1.0f;
+  const Pass3Args p3{p2.keep_s,
+                     p2.keep_t,
+                     p2.keep_u,
+                     share ? p2.keep_s : p2.keep_1,
+                     static_cast<float>(f / zs_d),
+                     static_cast<float>(f / zt_d),
+                     f == w.kl ? 1.0f : w.kl,
+                     static_cast<float>(std::log1p(dz_d / zt_d)),
+                     static_cast<float>(w.ce / z1_d),
+                     w.ce,
+                     w.mse,
+                     label};
   double kl_d = 0.0;
-  auto pass3 = [&](auto grad_tag, int64_t j0, int64_t j1) {
-    constexpr bool kGrad = decltype(grad_tag)::value;
-    float kl = 0.0f;
-#pragma omp simd reduction(+ : kl)
-    for (int64_t j = j0; j < j1; ++j) {
-      float gv = 0.0f;
-      if constexpr (KL) {
-        const float ps = keep_s[j] * inv_zs;
-        const float pt = keep_t[j] * inv_zt;
-        const float v = keep_u[j] - delta;
-        // NaN/inf v (-inf logits) take the direct branch, where p_t = 0 terms are dropped
-        // explicitly (0 * inf would be NaN).
-        const bool small = is_small(v);
-        const float phi = exp_minus_1_minus_x_small(v);  // e^v - 1 - v
-        const float em1 = phi + v;                       // e^v - 1
-        const float direct_term = (ps - pt) - (pt > 0.0f ? pt * v : 0.0f);
-        kl += small ? pt * phi : direct_term;
-        if constexpr (kGrad) gv += wkl * (small ? pt * em1 : ps - pt);
-      }
-      if constexpr (kGrad) {
-        if constexpr (CE) gv += wce_1 * e1[j] - (j == label ? wce : 0.0f);
-        if constexpr (MSE) gv += wmse * (load(s, j) - load(t, j));
-        store(g, j, gv);
-      }
-    }
-    kl_d += kl;
-  };
   for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
     const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
-    if (g) {
-      pass3(std::true_type{}, j0, j1);
-    } else {
-      pass3(std::false_type{}, j0, j1);
+    if (!g) {
+      kl_d += FD_PASS3<T, KL, CE, MSE, false>(s, t, p3, j0, j1, nullptr);
+      continue;
     }
+#if FD_STREAM_STORES
+    // The gradient goes through an L1 tile to DRAM with streaming stores: no read of each
+    // destination line before it is written, and no eviction of the L2-resident scratch rows.
+    // (Streaming each vector straight from the pass 3 loop measured slower: 44 vs 38 ms.)
+    alignas(64) T tile[kBlock];
+    kl_d += FD_PASS3<T, KL, CE, MSE, true>(s, t, p3, j0, j1, tile);
+    stream_copy(g + j0, tile, (j1 - j0) * static_cast<int64_t>(sizeof(T)));
+#else
+    kl_d += FD_PASS3<T, KL, CE, MSE, true>(s, t, p3, j0, j1, g + j0);
+#endif
   }
-  if constexpr (KL) res.kl = static_cast<float>(kl_d * temp * temp);
+#if FD_STREAM_STORES
+  if (g) stream_fence();
+#endif
+  if constexpr (KL) res.kl = static_cast<float>(kl_d / f * temp * temp);
   return res;
 }
 
@@ -287,6 +381,10 @@ void run(const FusedLogitsArgs& a) {
     const T* s = S + r * a.student_row_stride;
     const T* t = Tch ? Tch + r * a.teacher_row_stride : nullptr;
     T* g = G ? G + r * V : nullptr;
+    // The next row pair, for pass 2 to prefetch (the row after this thread's last one belongs to
+    // the other thread: a wasted prefetch at most).
+    const T* ns = r + 1 < N ? S + (r + 1) * a.student_row_stride : nullptr;
+    const T* nt = ns && Tch ? Tch + (r + 1) * a.teacher_row_stride : nullptr;
     const bool sel = a.mask ? a.mask[r] != 0 : true;
     const int64_t label = CE ? a.labels[r] : a.ignore_index;
     const bool kl = KL && sel, mse = MSE && sel, ce = CE && label != a.ignore_index;
@@ -294,13 +392,27 @@ void run(const FusedLogitsArgs& a) {
     const int key = (kl ? 4 : 0) | (ce ? 2 : 0) | (mse ? 1 : 0);
     RowResult res;
     switch (key) {
-      case 7: res = process_row<T, true, true, true>(s, t, V, temp, label, full, g); break;
-      case 6: res = process_row<T, true, true, false>(s, t, V, temp, label, full, g); break;
-      case 5: res = process_row<T, true, false, true>(s, t, V, temp, label, full, g); break;
-      case 4: res = process_row<T, true, false, false>(s, t, V, temp, label, full, g); break;
-      case 3: res = process_row<T, false, true, true>(s, t, V, temp, label, full, g); break;
-      case 2: res = process_row<T, false, true, false>(s, t, V, temp, label, full, g); break;
-      case 1: res = process_row<T, false, false, true>(s, t, V, temp, label, full, g); break;
+      case 7:
+        res = process_row<T, true, true, true>(s, t, V, temp, label, full, g, ns, nt);
+        break;
+      case 6:
+        res = process_row<T, true, true, false>(s, t, V, temp, label, full, g, ns, nt);
+        break;
+      case 5:
+        res = process_row<T, true, false, true>(s, t, V, temp, label, full, g, ns, nt);
+        break;
+      case 4:
+        res = process_row<T, true, false, false>(s, t, V, temp, label, full, g, ns, nt);
+        break;
+      case 3:
+        res = process_row<T, false, true, true>(s, t, V, temp, label, full, g, ns, nt);
+        break;
+      case 2:
+        res = process_row<T, false, true, false>(s, t, V, temp, label, full, g, ns, nt);
+        break;
+      case 1:
+        res = process_row<T, false, false, true>(s, t, V, temp, label, full, g, ns, nt);
+        break;
       default:
         if (g) fill_row(g, V, 0.0f);
         break;

@@ -3,6 +3,9 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace fastdistill {
 
@@ -21,30 +24,29 @@ static inline uint32_t float_to_bits(float f) {
 }
 
 // Why our own exponential: glibc only declares its vector expf variants (libmvec) under
-// __FAST_MATH__, and -ffast-math's finite-math assumption breaks -inf logits. Measured max relative
-// error of fd_exp2: 2.4e-7 (2 ulp) over [-125, 0] against double exp2, far inside the 1e-5 budget.
-// 2^y in fp32, the form the softmax loops use: callers fold log2(e)/T into one scale factor of
-// (x - max), so each exponential costs one multiply less and needs no Cody-Waite split (2^y splits
-// exactly into 2^n * 2^r). 2^r on |r| <= 1/2 by the degree-6 Taylor series of e^(r ln2):
-// truncation (ln2/2)^7/7! = 1.2e-7 relative. Inputs below -126 (including -inf) return 0 (below
-// the smallest normal float; the kernels only exponentiate y <= 0). NaN must not reach it.
+// __FAST_MATH__, and -ffast-math's finite-math assumption breaks -inf logits.
+// 2^y in fp32 for y <= 0 or NaN, the form the softmax loops use: callers fold log2(e)/T into one
+// scale factor of (x - max), so each exponential costs one multiply less and needs no Cody-Waite
+// split (2^y splits exactly into 2^n * 2^r). 2^r on |r| <= 1/2 by a degree-5 minimax polynomial
+// (relative error 1.0e-7). 2^n goes straight into the exponent bits: adding 1.5 * 2^23 rounds y to
+// an integer n held in the low mantissa bits of the sum, and those bits shifted left by 23 are
+// n << 23. Measured max relative error against double exp2 over [-30, 0]: 1.8e-7, far inside the
+// 1e-5 budget. Results below 2^-125 (y = -inf too) are flushed to 0; NaN stays NaN.
 static inline float fd_exp2(float y) {
-  const bool underflow = y < -126.0f;
-  float yc = underflow ? 0.0f : y;
-  yc = yc > 127.0f ? 127.0f : yc;
-  const float kShift = 12582912.0f;  // 1.5 * 2^23: round to nearest integer
-  const float n = (yc + kShift) - kShift;
+  const float yc = y < -127.0f ? -127.0f : y;  // keeps n in range; NaN passes through
+  const float kShift = 12582912.0f;            // 1.5 * 2^23
+  const float shifted = yc + kShift;
+  const float n = shifted - kShift;
   const float r = yc - n;
-  float p = 1.5403530393381609e-4f;
-  p = p * r + 1.3333558146428443e-3f;
-  p = p * r + 9.6181291076284772e-3f;
-  p = p * r + 5.5504108664821580e-2f;
-  p = p * r + 2.4022650695910071e-1f;
-  p = p * r + 6.9314718055994531e-1f;
+  float p = 1.3308821944519877e-3f;
+  p = p * r + 9.6715176478028297e-3f;
+  p = p * r + 5.5505823343992233e-2f;
+  p = p * r + 2.4022242426872253e-1f;
+  p = p * r + 6.9314706325531006e-1f;
   p = p * r + 1.0f;
-  const int32_t ni = static_cast<int32_t>(n);
-  const float scale = bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
-  return underflow ? 0.0f : p * scale;
+  const uint32_t scale_bits = float_to_bits(shifted) << 23;  // n << 23, two's complement
+  const float v = bits_to_float(float_to_bits(p) + scale_bits);
+  return yc < -125.0f ? 0.0f : v;
 }
 
 // ---- element loads/stores: fp32 math on fp32/bf16/fp16 storage --------------------------------
@@ -90,5 +92,41 @@ inline void store<F16>(F16* p, int64_t i, float v) {
 static inline bool is_finite(float x) {
   return (float_to_bits(x) & 0x7f800000u) != 0x7f800000u;
 }
+
+// ---- non-temporal row stores -------------------------------------------------------------------
+// A gradient row is written once and not read again by the kernel: streaming it to memory skips the
+// read of each destination line that a normal store causes, and keeps the L2-resident scratch rows
+// in place. Measured on this project's 2-core Zen 4 VM: 75 GB/s for streamed versus 26 GB/s for
+// plain stores of a 262 MB buffer. Only where the ISA variant has vector streaming stores; the
+// caller falls back to plain stores without them.
+#if defined(__AVX__)
+#define FD_STREAM_STORES 1
+// Copy `bytes` from `src` (an L1-resident tile) to `dst`: plain stores up to the first 64-byte
+// boundary of dst and for the tail, streaming stores for the whole lines in between.
+static inline void stream_copy(void* dst, const void* src, int64_t bytes) {
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  int64_t head = static_cast<int64_t>((64 - (reinterpret_cast<uintptr_t>(d) & 63)) & 63);
+  if (head > bytes) head = bytes;
+  std::memcpy(d, s, static_cast<size_t>(head));
+  d += head;
+  s += head;
+  bytes -= head;
+  for (; bytes >= 64; bytes -= 64, d += 64, s += 64) {
+#if defined(__AVX512F__)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d), _mm512_loadu_si512(s));
+#else
+    const __m256i* s256 = reinterpret_cast<const __m256i*>(s);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d), _mm256_loadu_si256(s256));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + 32), _mm256_loadu_si256(s256 + 1));
+#endif
+  }
+  std::memcpy(d, s, static_cast<size_t>(bytes));
+}
+// Streaming stores are weakly ordered: fence before the row counts as written.
+static inline void stream_fence() { _mm_sfence(); }
+#else
+#define FD_STREAM_STORES 0
+#endif
 
 }  // namespace fastdistill

@@ -1,0 +1,181 @@
+// AVX-512 versions of pass2_portable and pass3_portable (fused_logits.cpp), which includes this
+// header in its avx512 variant only. Same arguments, same arithmetic, written with intrinsics for
+// what the compiler does not produce from the portable loops:
+// - 2^y as max, round, subtract, 5 FMAs and one vscalefps (9 instructions; the portable fd_exp2
+//   vectorises to 17: its clamp, integer exponent and flush each cost a compare and a blend);
+// - masked loads, stores and accumulations for the block tail instead of a scalar epilogue;
+// - the conditional terms as masked moves and blends;
+// - one software prefetch per cache line of the next row pair, spread over pass 2.
+#pragma once
+#include <immintrin.h>
+
+namespace fastdistill {
+namespace FD_ISA {
+namespace {
+namespace simd16 {
+
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+// 16 elements as fp32; lanes outside m read as 0.
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const BF16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const F16* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+
+// 16 fp32 lanes rounded to a 16-bit format: bf16 rounds to nearest even with NaN kept quiet, as
+// store<BF16> in simd_math.h; f16 as the hardware conversion (nearest even), as store<F16>.
+inline __m256i to_bits16(__m512 v, const BF16*) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i hi = _mm512_srli_epi32(u, 16);
+  const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+  const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+inline __m256i to_bits16(__m512 v, const F16*) {
+  return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+template <typename T>
+inline void store16(T* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, to_bits16(v, p));
+}
+
+// 2^y for y <= 0 or NaN, with the polynomial of fd_exp2. y below -150 (including -inf) is clamped
+// there, where vscalefps rounds the result to 0; _mm512_max_ps returns its second operand when
+// either is NaN, so NaN passes through.
+inline __m512 exp2_16(__m512 y) {
+  y = _mm512_max_ps(_mm512_set1_ps(-150.0f), y);
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(y, n);
+  __m512 p = _mm512_set1_ps(1.3308821944519877e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.6715176478028297e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.5505823343992233e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022242426872253e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9314706325531006e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// v q(v), q of exp_minus_1_minus_x_small: e^v - 1 - v = (v q(v)) v and e^v - 1 = (v q(v)) v + v.
+inline __m512 v_times_q(__m512 v) {
+  __m512 q = _mm512_set1_ps(1.38977263e-3f);
+  q = _mm512_fmadd_ps(q, v, _mm512_set1_ps(8.34884122e-3f));
+  q = _mm512_fmadd_ps(q, v, _mm512_set1_ps(4.16667014e-2f));
+  q = _mm512_fmadd_ps(q, v, _mm512_set1_ps(1.66666418e-1f));
+  q = _mm512_fmadd_ps(q, v, _mm512_set1_ps(0.5f));
+  return _mm512_mul_ps(q, v);
+}
+
+// |v| < 1/4 (false for NaN and inf), as is_small.
+inline __mmask16 small16(__m512 v) {
+  return _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(0.25f), _CMP_LT_OQ);
+}
+
+}  // namespace simd16
+
+template <typename T, bool KL, bool E1, bool MSE, bool KEEP>
+Pass2Sums pass2_avx512(const T* s, const T* t, const Pass2Args& p, int64_t j0, int64_t j1) {
+  using namespace simd16;
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 zs = zero, zt = zero, dz = zero, z1 = zero, sq = zero;
+  const __m512 ms = _mm512_set1_ps(p.ms), mt = _mm512_set1_ps(p.mt);
+  const __m512 dm = _mm512_set1_ps(p.dm), c_t = _mm512_set1_ps(p.c_t);
+  const __m512 inv_t = _mm512_set1_ps(p.inv_t), log2e = _mm512_set1_ps(kLog2e);
+  for (int64_t j = j0; j < j1; j += 16) {
+    // One cache line of each next row per 16 columns: spread over the loop, the prefetches overlap
+    // the next row's DRAM reads with this row's arithmetic (bursts of them do not).
+    const int64_t next_off = 4 * j;
+    if (next_off < p.next_bytes) {
+      _mm_prefetch(p.next_s + next_off, _MM_HINT_T1);
+      _mm_prefetch(p.next_t + next_off, _MM_HINT_T1);
+    }
+    const __mmask16 m = tail_mask(j1 - j);
+    const __m512 x = load16(s + j, m);
+    __m512 y = zero;
+    if constexpr (KL || MSE) y = load16(t + j, m);
+    if constexpr (KL) {
+      const __m512 es = exp2_16(_mm512_mul_ps(_mm512_sub_ps(x, ms), c_t));
+      const __m512 et = exp2_16(_mm512_mul_ps(_mm512_sub_ps(y, mt), c_t));
+      zs = _mm512_mask_add_ps(zs, m, zs, es);
+      zt = _mm512_mask_add_ps(zt, m, zt, et);
+      const __m512 u = _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(x, y), dm), inv_t);
+      if constexpr (KEEP) {
+        _mm512_mask_storeu_ps(p.keep_s + j, m, es);
+        _mm512_mask_storeu_ps(p.keep_t + j, m, et);
+        _mm512_mask_storeu_ps(p.keep_u + j, m, u);
+      }
+      const __m512 em1 = _mm512_fmadd_ps(v_times_q(u), u, u);
+      // small |u| ? e_t expm1(u) : e_s - e_t
+      const __m512 term = _mm512_mask_mul_ps(_mm512_sub_ps(es, et), small16(u), et, em1);
+      dz = _mm512_mask_add_ps(dz, m, dz, term);
+    }
+    if constexpr (E1) {
+      const __m512 e1 = exp2_16(_mm512_mul_ps(_mm512_sub_ps(x, ms), log2e));
+      if constexpr (KEEP) _mm512_mask_storeu_ps(p.keep_1 + j, m, e1);
+      z1 = _mm512_mask_add_ps(z1, m, z1, e1);
+    }
+    if constexpr (MSE) {
+      const __m512 d = _mm512_sub_ps(x, y);  // 0 in masked-off lanes
+      sq = _mm512_fmadd_ps(d, d, sq);
+    }
+  }
+  return Pass2Sums{_mm512_reduce_add_ps(zs), _mm512_reduce_add_ps(zt), _mm512_reduce_add_ps(dz),
+                   _mm512_reduce_add_ps(z1), _mm512_reduce_add_ps(sq)};
+}
+
+template <typename T, bool KL, bool CE, bool MSE, bool GRAD>
+float pass3_avx512(const T* s, const T* t, const Pass3Args& p, int64_t j0, int64_t j1, T* out) {
+  using namespace simd16;
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 kl = zero;
+  const __m512 ps_scale = _mm512_set1_ps(p.ps_scale), pt_scale = _mm512_set1_ps(p.pt_scale);
+  const __m512 delta = _mm512_set1_ps(p.delta), kl_grad_scale = _mm512_set1_ps(p.kl_grad_scale);
+  const bool scale_kl_grad = p.kl_grad_scale != 1.0f;
+  const __m512 wce_1 = _mm512_set1_ps(p.wce_1), wce = _mm512_set1_ps(p.wce);
+  const __m512 wmse = _mm512_set1_ps(p.wmse);
+  for (int64_t j = j0; j < j1; j += 16) {
+    const __mmask16 m = tail_mask(j1 - j);
+    __m512 gv = zero;
+    if constexpr (KL) {
+      const __m512 et = _mm512_maskz_loadu_ps(m, p.keep_t + j);
+      const __m512 pt = _mm512_mul_ps(et, pt_scale);
+      const __m512 d = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, p.keep_s + j), ps_scale, pt);
+      const __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.keep_u + j), delta);
+      const __mmask16 small = small16(v);
+      const __m512 ptv = _mm512_mul_ps(pt, v);
+      const __m512 a = _mm512_mul_ps(ptv, v_times_q(v));  // f p_t (e^v - 1 - v)
+      const __m512 b = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(et, zero, _CMP_GT_OQ), ptv);
+      kl = _mm512_mask_add_ps(kl, m, kl, _mm512_mask_blend_ps(small, _mm512_sub_ps(d, b), a));
+      if constexpr (GRAD) {
+        gv = _mm512_mask_blend_ps(small, d, _mm512_add_ps(a, b));
+        if (scale_kl_grad) gv = _mm512_mul_ps(gv, kl_grad_scale);
+      }
+    }
+    if constexpr (GRAD) {
+      if constexpr (CE) {
+        gv = _mm512_fmadd_ps(wce_1, _mm512_maskz_loadu_ps(m, p.e1 + j), gv);
+        const uint64_t at = static_cast<uint64_t>(p.label - j);
+        if (at < 16) gv = _mm512_mask_sub_ps(gv, static_cast<__mmask16>(1u << at), gv, wce);
+      }
+      if constexpr (MSE) {
+        gv = _mm512_fmadd_ps(wmse, _mm512_sub_ps(load16(s + j, m), load16(t + j, m)), gv);
+      }
+      store16(out + (j - j0), gv, m);
+    }
+  }
+  return _mm512_reduce_add_ps(kl);
+}
+
+}  // namespace
+}  // namespace FD_ISA
+}  // namespace fastdistill
