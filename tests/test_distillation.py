@@ -248,6 +248,21 @@ def test_huge_logits_and_student_equals_teacher(native_isa, rng, dtype):
         assert loss.abs() <= 1e-6 and grad.abs().max() <= 1e-6, f"s == t: {loss} {rng.tag}"
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_row_maximum_far_past_the_first_block(native_isa, rng, temperature):
+    """The CE exponentials (at temperature 1) overflow first when the row maximum lies far past
+    the first 1024 columns, which set the kernel's shift (see test_kl_div.py)."""
+    s = rng.logits(6, 2500)
+    t = rng.logits(6, 2500)
+    s[:3, 1500] += 60.0  # 2^(60 log2 e) = 2^87 > 2^64 for CE, below it for KL at T = 2
+    s[3:, 2000] += 30.0
+    t[:, 1500] += 45.0
+    labels = rng.labels((6,), 2500)
+    labels[0] = 1500
+    fn, ref = _fns(t, labels, None, temperature, (0.7, 0.2, 1e-3))
+    check(fn, ref, s, torch.tensor(0.37), what=f"late peak T={temperature} {rng.tag}")
+
+
 @pytest.mark.parametrize("alphas", [(1.0, 0.0, 0.0), (0.5, 0.5, 1e-3)])
 def test_student_close_to_teacher(native_isa, rng, alphas):
     t = rng.logits(41, 1271)

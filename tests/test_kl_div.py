@@ -210,6 +210,41 @@ def test_huge_logits(native_isa, rng, dtype, temperature):
         check(fn, ref, s, g, what=f"|logits|<=1e4 {dtype} T={temperature} {reduction} {rng.tag}")
 
 
+# The CPU kernel shifts its exponentials by the maxima of each row's first 1024 columns, not by
+# the row maxima (csrc/cpu/fused_logits.cpp), and runs its sums again with the true maxima when a
+# later column lies so far above that an exponential could pass 2^64. V = 2500 spans three blocks.
+@pytest.mark.parametrize(
+    "gap,temperature",
+    [(20.0, 2.0), (80.0, 1.0), (300.0, 0.5)],
+    ids=["below-limit", "just-above-limit", "far-above-limit"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_row_maximum_far_past_the_first_block(native_isa, rng, gap, temperature, dtype):
+    s = rng.logits(6, 2500, dtype=dtype)
+    t = rng.logits(6, 2500, dtype=dtype)
+    # Peaks after the first block: at the same column in rows 0-2, at different columns in 3-5.
+    s[:, 1500] += gap
+    t[:3, 1500] += gap
+    t[3:, 2400] += gap
+    fn, ref = _fns(t, None, temperature, "none")
+    g = rng.grad_output((6,))
+    check(fn, ref, s, g, what=f"late peak +{gap} {dtype} T={temperature} {rng.tag}")
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_first_block_all_neg_inf(native_isa, rng, temperature):
+    """No finite logit in the first 1024 columns: the kernel falls back to the whole-row maxima."""
+    s = rng.logits(5, 2100)
+    t = rng.logits(5, 2100)
+    s[:, :1100] = float("-inf")
+    t[:, :1100] = float("-inf")
+    fn, ref = _fns(t, None, temperature, "none")
+    g = rng.grad_output((5,))
+    check(fn, ref, s, g, what=f"-inf first block T={temperature} {rng.tag}")
+    _, grad = run_loss(fn, s, g)
+    assert torch.equal(grad[:, :1100], torch.zeros_like(grad[:, :1100])), rng.tag
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_student_equals_teacher(native_isa, rng, dtype):
     for scale in (3.0, 1e4):

@@ -2,10 +2,13 @@
 // any subset of them in one pass over each (student, teacher) row pair. kl_div_loss, cross_entropy,
 // mse_loss and distillation_loss are all this kernel with different terms switched on.
 //
-// Per row: pass 1 finds the maxima, pass 2 accumulates the softmax normalisers and the KL/MSE sums,
-// pass 3 writes the gradient. Only pass 1 reads the row from DRAM; a row pair of V <= 128k fp32
-// stays in L2 for passes 2 and 3. Rows are spread over OpenMP threads; each inner loop is an
-// `omp simd` loop whose body (fd_exp2, loads, stores) the compiler vectorises for the ISA variant.
+// Per row: pass 2 accumulates the softmax normalisers (exponentials shifted by the maxima of the
+// row's first block, see process_row) and the KL/MSE sums and keeps the exponentials in an fp32
+// scratch row; pass 3 computes KL and writes the gradient from that scratch. The logits are read
+// from DRAM once (the AVX-512 pass 2 prefetches the next row pair while it computes); the gradient
+// is written once, with streaming stores where the ISA has them. Rows are spread over OpenMP
+// threads; inside a row, the portable loops are `omp simd` loops the compiler vectorises for each
+// ISA variant, and the AVX-512 variant uses the intrinsics loops of fused_logits_avx512.h.
 #include <omp.h>
 
 #include <cmath>
@@ -96,6 +99,7 @@ struct Pass2Args {
 // Block sums, fp32 per SIMD lane; the caller adds them up across blocks in double.
 struct Pass2Sums {
   float zs = 0.0f, zt = 0.0f, dz = 0.0f, z1 = 0.0f, sq = 0.0f;
+  float max_s = -kInf, max_t = -kInf;  // block maxima (tracked where the exponentials need them)
 };
 
 // Template flags: KL, E1 (the CE exponential e^(s - ms), unless CE shares the KL student softmax at
@@ -103,12 +107,15 @@ struct Pass2Sums {
 template <typename T, bool KL, bool E1, bool MSE, bool KEEP>
 Pass2Sums pass2_portable(const T* s, const T* t, const Pass2Args& p, int64_t j0, int64_t j1) {
   float zs = 0.0f, zt = 0.0f, dz = 0.0f, z1 = 0.0f, sq = 0.0f;
+  float max_s = -kInf, max_t = -kInf;
   const float ms = p.ms, mt = p.mt, dm = p.dm, c_t = p.c_t, inv_t = p.inv_t;
-#pragma omp simd reduction(+ : zs, zt, dz, z1, sq)
+#pragma omp simd reduction(+ : zs, zt, dz, z1, sq) reduction(max : max_s, max_t)
   for (int64_t j = j0; j < j1; ++j) {
     const float x = load(s, j);
     float y = 0.0f;
     if constexpr (KL || MSE) y = load(t, j);
+    if constexpr (KL || E1) max_s = x > max_s ? x : max_s;
+    if constexpr (KL) max_t = y > max_t ? y : max_t;
     if constexpr (KL) {
       const float es = fd_exp2((x - ms) * c_t);
       const float et = fd_exp2((y - mt) * c_t);
@@ -132,7 +139,7 @@ Pass2Sums pass2_portable(const T* s, const T* t, const Pass2Args& p, int64_t j0,
       sq += d * d;
     }
   }
-  return Pass2Sums{zs, zt, dz, z1, sq};
+  return Pass2Sums{zs, zt, dz, z1, sq, max_s, max_t};
 }
 
 struct Pass3Args {
@@ -217,16 +224,27 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
     return res;
   };
   const float inv_t = 1.0f / temp;
+  // Sums run in fp32 SIMD lanes within a block and in double across blocks: one fp32
+  // accumulator per lane over 128k terms loses low bits (loss error ~5e-5 at V = 128256).
+  // 1024 columns: at most 64 (AVX-512) to 128 (AVX2) terms per lane before the double sum.
+  constexpr int64_t kBlock = 1024;
+  // The exponentials are shifted by references ms, mt, not necessarily the row maxima: any
+  // reference works (everything below is exact in it) as long as no exponential overflows. The
+  // maxima of the first block serve, and spare a whole pass over the row; pass 2 finds the row's
+  // true maxima and is run again with them in the rare row whose maximum lies so far above the
+  // first block's that an exponential could exceed 2^kMaxExponent.
+  constexpr float kMaxExponent = 64.0f;  // sums stay below 2^(64 + 17) for V <= 128k
   float ms = 0.0f, mt = 0.0f;
   if constexpr (KL || CE) {
-    ms = row_max(s, V);
-    bool bad = !is_finite(ms);
-    if constexpr (KL) {
-      mt = row_max(t, V);
-      bad = bad || !is_finite(mt);
+    const int64_t first = V < kBlock ? V : kBlock;
+    ms = row_max(s, first);
+    if constexpr (KL) mt = row_max(t, first);
+    if (!is_finite(ms) || (KL && !is_finite(mt))) {  // +inf, or a first block all -inf
+      ms = row_max(s, V);
+      if constexpr (KL) mt = row_max(t, V);
+      // NaN/+inf in a row, or a row that is entirely -inf: the softmax is undefined there.
+      if (!is_finite(ms) || (KL && !is_finite(mt))) return nan_row();
     }
-    // NaN/+inf in a row, or a row that is entirely -inf: the softmax is undefined there.
-    if (bad) return nan_row();
   }
 
   // The CE softmax is at temperature 1; with T == 1 it is the KL student softmax.
@@ -246,15 +264,14 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
     p2.keep_1 = p2.keep_t + V;
     p2.keep_u = p2.keep_1 + V;  // u = (s - t - (ms - mt)) / T, see pass 3
   }
-  // Sums run in fp32 SIMD lanes within a block and in double across blocks: one fp32
-  // accumulator per lane over 128k terms loses low bits (loss error ~5e-5 at V = 128256).
-  // 1024 columns: at most 64 (AVX-512) to 128 (AVX2) terms per lane before the double sum.
-  constexpr int64_t kBlock = 1024;
   // dz = sum (e_s - e_t) = zs - zt, accumulated term by term as e_t expm1(u) (see pass 3) so
   // that log(zs/zt) = log1p(dz/zt) is accurate to ~1e-10 even when zs and zt agree to 1e-7.
-  double zs_d = 0.0, zt_d = 0.0, dz_d = 0.0, z1_d = 0.0, sq_d = 0.0;
+  double zs_d, zt_d, dz_d, z1_d, sq_d;
+  float max_s, max_t;
   auto pass2 = [&](auto e1_tag, auto keep_tag) {
     constexpr bool kE1 = decltype(e1_tag)::value, kKeep = decltype(keep_tag)::value;
+    zs_d = zt_d = dz_d = z1_d = sq_d = 0.0;
+    max_s = max_t = -kInf;
     for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
       const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
       const Pass2Sums b = FD_PASS2<T, KL, kE1, MSE, kKeep>(s, t, p2, j0, j1);
@@ -263,15 +280,34 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
       dz_d += b.dz;
       z1_d += b.z1;
       sq_d += b.sq;
+      max_s = b.max_s > max_s ? b.max_s : max_s;
+      max_t = b.max_t > max_t ? b.max_t : max_t;
     }
   };
-  using True = std::true_type;
-  using False = std::false_type;
-  if (CE && !share) {
-    keep ? pass2(std::integral_constant<bool, CE>{}, True{})
-         : pass2(std::integral_constant<bool, CE>{}, False{});
-  } else {
-    keep ? pass2(False{}, True{}) : pass2(False{}, False{});
+  auto run_pass2 = [&] {
+    using True = std::true_type;
+    using False = std::false_type;
+    if (CE && !share) {
+      keep ? pass2(std::integral_constant<bool, CE>{}, True{})
+           : pass2(std::integral_constant<bool, CE>{}, False{});
+    } else {
+      keep ? pass2(False{}, True{}) : pass2(False{}, False{});
+    }
+  };
+  run_pass2();
+  if constexpr (KL || CE) {
+    if (!is_finite(max_s) || (KL && !is_finite(max_t))) return nan_row();  // +inf somewhere
+    // Largest exponent above the reference: student at 1/T (KL) and at 1 (CE), teacher at 1/T.
+    float scale_s = KL ? p2.c_t : 0.0f;
+    if (CE && !share && kLog2e > scale_s) scale_s = kLog2e;
+    const float over_s = (max_s - ms) * scale_s;
+    const float over_t = KL ? (max_t - mt) * p2.c_t : 0.0f;
+    if (over_s > kMaxExponent || over_t > kMaxExponent) {
+      ms = p2.ms = max_s;
+      if constexpr (KL) mt = p2.mt = max_t;
+      p2.dm = ms - mt;
+      run_pass2();
+    }
   }
   if (share) z1_d = zs_d;
   // NaN anywhere in the row has made a softmax sum NaN: same treatment as a bad max above, except
@@ -304,6 +340,11 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
   // logits rows; only the MSE term re-reads them (from L2). The KL gradient weight is folded into
   // the probabilities (see Pass3Args) unless it is 0 or not finite.
   const float f = std::isfinite(w.kl) && w.kl != 0.0f ? w.kl : 1.0f;
+  // delta = log(zs / zt) from dz where zs and zt are close (the regime dz exists for); where
+  // they are not, dz has lost zs to rounding (the references need not be the maxima, so zs / zt
+  // can be as far from 1 as 2^64) and the plain ratio of the sums is the accurate form.
+  const double dz_rel = dz_d / zt_d;
+  const double delta = std::fabs(dz_rel) <= 0.125 ? std::log1p(dz_rel) : std::log(zs_d / zt_d);
   const Pass3Args p3{p2.keep_s,
                      p2.keep_t,
                      p2.keep_u,
@@ -311,7 +352,7 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
                      static_cast<float>(f / zs_d),
                      static_cast<float>(f / zt_d),
                      f == w.kl ? 1.0f : w.kl,
-                     static_cast<float>(std::log1p(dz_d / zt_d)),
+                     static_cast<float>(delta),
                      static_cast<float>(w.ce / z1_d),
                      w.ce,
                      w.mse,

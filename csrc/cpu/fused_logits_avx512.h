@@ -50,7 +50,7 @@ inline void store16(T* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, to_bits16(v, p));
 }
 
-// 2^y for y <= 0 or NaN, with the polynomial of fd_exp2. y below -150 (including -inf) is clamped
+// 2^y for y <= 64 or NaN, with the polynomial of fd_exp2. y below -150 (including -inf) is clamped
 // there, where vscalefps rounds the result to 0; _mm512_max_ps returns its second operand when
 // either is NaN, so NaN passes through.
 inline __m512 exp2_16(__m512 y) {
@@ -88,6 +88,7 @@ Pass2Sums pass2_avx512(const T* s, const T* t, const Pass2Args& p, int64_t j0, i
   using namespace simd16;
   const __m512 zero = _mm512_setzero_ps();
   __m512 zs = zero, zt = zero, dz = zero, z1 = zero, sq = zero;
+  __m512 max_s = _mm512_set1_ps(-kInf), max_t = max_s;
   const __m512 ms = _mm512_set1_ps(p.ms), mt = _mm512_set1_ps(p.mt);
   const __m512 dm = _mm512_set1_ps(p.dm), c_t = _mm512_set1_ps(p.c_t);
   const __m512 inv_t = _mm512_set1_ps(p.inv_t), log2e = _mm512_set1_ps(kLog2e);
@@ -103,6 +104,8 @@ Pass2Sums pass2_avx512(const T* s, const T* t, const Pass2Args& p, int64_t j0, i
     const __m512 x = load16(s + j, m);
     __m512 y = zero;
     if constexpr (KL || MSE) y = load16(t + j, m);
+    if constexpr (KL || E1) max_s = _mm512_mask_max_ps(max_s, m, max_s, x);
+    if constexpr (KL) max_t = _mm512_mask_max_ps(max_t, m, max_t, y);
     if constexpr (KL) {
       const __m512 es = exp2_16(_mm512_mul_ps(_mm512_sub_ps(x, ms), c_t));
       const __m512 et = exp2_16(_mm512_mul_ps(_mm512_sub_ps(y, mt), c_t));
@@ -130,7 +133,8 @@ Pass2Sums pass2_avx512(const T* s, const T* t, const Pass2Args& p, int64_t j0, i
     }
   }
   return Pass2Sums{_mm512_reduce_add_ps(zs), _mm512_reduce_add_ps(zt), _mm512_reduce_add_ps(dz),
-                   _mm512_reduce_add_ps(z1), _mm512_reduce_add_ps(sq)};
+                   _mm512_reduce_add_ps(z1), _mm512_reduce_add_ps(sq), _mm512_reduce_max_ps(max_s),
+                   _mm512_reduce_max_ps(max_t)};
 }
 
 template <typename T, bool KL, bool CE, bool MSE, bool GRAD>

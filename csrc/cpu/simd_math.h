@@ -25,8 +25,8 @@ static inline uint32_t float_to_bits(float f) {
 
 // Why our own exponential: glibc only declares its vector expf variants (libmvec) under
 // __FAST_MATH__, and -ffast-math's finite-math assumption breaks -inf logits.
-// 2^y in fp32 for y <= 0 or NaN, the form the softmax loops use: callers fold log2(e)/T into one
-// scale factor of (x - max), so each exponential costs one multiply less and needs no Cody-Waite
+// 2^y in fp32 for y <= 64 or NaN, the form the softmax loops use: callers fold log2(e)/T into one
+// scale factor of (x - shift), so each exponential costs one multiply less and needs no Cody-Waite
 // split (2^y splits exactly into 2^n * 2^r). 2^r on |r| <= 1/2 by a degree-5 minimax polynomial
 // (relative error 1.0e-7). 2^n goes straight into the exponent bits: adding 1.5 * 2^23 rounds y to
 // an integer n held in the low mantissa bits of the sum, and those bits shifted left by 23 are
