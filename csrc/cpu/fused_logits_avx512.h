@@ -9,6 +9,8 @@
 #pragma once
 #include <immintrin.h>
 
+#include <type_traits>
+
 namespace fastdistill {
 namespace FD_ISA {
 namespace {
@@ -42,12 +44,6 @@ inline __m256i to_bits16(__m512 v, const BF16*) {
 }
 inline __m256i to_bits16(__m512 v, const F16*) {
   return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-}
-
-inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-template <typename T>
-inline void store16(T* p, __m512 v, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, to_bits16(v, p));
 }
 
 // 2^y for y <= 64 or NaN, with the polynomial of fd_exp2. y below -150 (including -inf) is clamped
@@ -132,13 +128,15 @@ Pass2Sums pass2_avx512(const T* s, const T* t, const Pass2Args& p, int64_t j0, i
       sq = _mm512_fmadd_ps(d, d, sq);
     }
   }
-  return Pass2Sums{_mm512_reduce_add_ps(zs), _mm512_reduce_add_ps(zt), _mm512_reduce_add_ps(dz),
-                   _mm512_reduce_add_ps(z1), _mm512_reduce_add_ps(sq), _mm512_reduce_max_ps(max_s),
+  return Pass2Sums{_mm512_reduce_add_ps(zs),   _mm512_reduce_add_ps(zt),
+                   _mm512_reduce_add_ps(dz),   _mm512_reduce_add_ps(z1),
+                   _mm512_reduce_add_ps(sq),   _mm512_reduce_max_ps(max_s),
                    _mm512_reduce_max_ps(max_t)};
 }
 
+// Writes the gradient in fp32 (to an L1 tile; flush_tile_avx512 converts and streams it out).
 template <typename T, bool KL, bool CE, bool MSE, bool GRAD>
-float pass3_avx512(const T* s, const T* t, const Pass3Args& p, int64_t j0, int64_t j1, T* out) {
+float pass3_avx512(const T* s, const T* t, const Pass3Args& p, int64_t j0, int64_t j1, float* out) {
   using namespace simd16;
   const __m512 zero = _mm512_setzero_ps();
   __m512 kl = zero;
@@ -174,10 +172,56 @@ float pass3_avx512(const T* s, const T* t, const Pass3Args& p, int64_t j0, int64
       if constexpr (MSE) {
         gv = _mm512_fmadd_ps(wmse, _mm512_sub_ps(load16(s + j, m), load16(t + j, m)), gv);
       }
-      store16(out + (j - j0), gv, m);
+      _mm512_mask_storeu_ps(out + (j - j0), m, gv);
     }
   }
   return _mm512_reduce_add_ps(kl);
+}
+
+// ---- gradient tile -> DRAM ---------------------------------------------------------------------
+// pass3_avx512 leaves n fp32 gradient values in an L1 tile; these write them to the gradient row in
+// its dtype with streaming stores (see FD_STREAM_STORES in simd_math.h).
+
+// bf16 with the AVX512_BF16 conversion (Zen 4, Sapphire Rapids): 32 values per instruction, round
+// to nearest even like store<BF16>; it flushes denormals to 0 (below 1.2e-38, far under any
+// tolerance) where the integer rounding keeps them.
+__attribute__((target("avx512bf16"))) inline void flush_bf16_hw(BF16* dst, const float* src,
+                                                                int64_t n) {
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63) != 0; ++i) store(dst, i, src[i]);
+  for (; i + 32 <= n; i += 32) {
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), reinterpret_cast<__m512i>(v));
+  }
+  for (; i < n; ++i) store(dst, i, src[i]);
+}
+
+inline bool cpu_has_avx512_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+template <typename T>
+void flush_tile_avx512(T* dst, const float* tile, int64_t n) {
+  using namespace simd16;
+  if constexpr (std::is_same<T, float>::value) {
+    stream_copy(dst, tile, n * static_cast<int64_t>(sizeof(float)));
+  } else {
+    if constexpr (std::is_same<T, BF16>::value) {
+      if (cpu_has_avx512_bf16()) return flush_bf16_hw(dst, tile, n);
+    }
+    // 16 values at a time into a 16-bit tile, then streamed like the fp32 case.
+    alignas(64) T bits[1024];
+    for (int64_t done = 0; done < n; done += 1024) {
+      const int64_t count = n - done < 1024 ? n - done : 1024;
+      for (int64_t j = 0; j < count; j += 16) {
+        const __mmask16 m = tail_mask(count - j);
+        _mm256_mask_storeu_epi16(bits + j, m,
+                                 to_bits16(_mm512_maskz_loadu_ps(m, tile + done + j), bits));
+      }
+      stream_copy(dst + done, bits, count * static_cast<int64_t>(sizeof(T)));
+    }
+  }
 }
 
 }  // namespace

@@ -6,6 +6,9 @@
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 namespace fastdistill {
 
@@ -92,6 +95,20 @@ inline void store<F16>(F16* p, int64_t i, float v) {
 static inline bool is_finite(float x) {
   return (float_to_bits(x) & 0x7f800000u) != 0x7f800000u;
 }
+
+// Flush-to-zero and denormals-are-zero on the calling thread while in scope (x86; elsewhere a
+// no-op). Probabilities and gradient terms in the fp32 denormal range (below 1.2e-38) are
+// negligible at any tolerance, but an operation that produces or reads one costs a microcode
+// assist: pass 3 ran 1.5x slower on rows of denormal exponentials (Zen 4, measured).
+struct DenormalsAsZero {
+#if defined(__SSE__)
+  const unsigned int saved = _mm_getcsr();
+  DenormalsAsZero() { _mm_setcsr(saved | 0x8040u); }  // FTZ (bit 15) | DAZ (bit 6)
+  ~DenormalsAsZero() { _mm_setcsr(saved); }
+  DenormalsAsZero(const DenormalsAsZero&) = delete;
+  DenormalsAsZero& operator=(const DenormalsAsZero&) = delete;
+#endif
+};
 
 // ---- non-temporal row stores -------------------------------------------------------------------
 // A gradient row is written once and not read again by the kernel: streaming it to memory skips the
