@@ -166,6 +166,13 @@ PYBIND11_MODULE(_C, m) {
     throw py::value_error("CPU variant '" + name + "' is not built or not supported by this CPU");
   }, py::arg("name"), "Force a CPU variant (for tests and benchmarks).");
   m.def("built_with_cuda", [] { return bool(FD_BUILT_CUDA); });
+  m.def("avx512_bf16_in_use", [] {
+    return std::string(variant().name) == "avx512" && cpu_has_avx512_bf16() &&
+           allow_avx512_bf16().load();
+  }, "True when bf16 gradients are converted with the AVX512_BF16 instruction.");
+  m.def("allow_avx512_bf16", [](bool allow) { allow_avx512_bf16().store(allow); },
+        py::arg("allow"),
+        "Allow (default) or forbid the AVX512_BF16 conversion of bf16 gradients (for tests).");
 
   m.def(
       "advise_hugepages",

@@ -76,6 +76,7 @@ def _core_info() -> dict[str, Any]:
         "path": None,
         "isa": None,
         "supported_isas": [],
+        "avx512_bf16": None,
         "built_with_cuda": None,
     }
     try:
@@ -88,6 +89,7 @@ def _core_info() -> dict[str, Any]:
     try:
         info["isa"] = core.isa()
         info["supported_isas"] = list(core.supported_isas())
+        info["avx512_bf16"] = bool(core.avx512_bf16_in_use())
         info["built_with_cuda"] = bool(core.built_with_cuda())
     except Exception as exc:
         info["error"] = _error_text(exc)
@@ -168,6 +170,10 @@ def format_env(d: dict[str, Any]) -> str:
             ("  path", _show(core["path"], "unknown")),
             ("  CPU ISA in use", _show(core["isa"], "unknown")),
             ("  CPU ISAs supported", _show(core["supported_isas"])),
+            (
+                "  bf16 gradient rounding",
+                "AVX512_BF16 instruction" if core["avx512_bf16"] else "integer (portable)",
+            ),
             ("  CUDA kernels built", _show(core["built_with_cuda"], "unknown")),
         ]
     if core["error"]:

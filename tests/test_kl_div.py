@@ -567,3 +567,39 @@ def test_compile_inductor_matches_eager(rng):
     torch.testing.assert_close(lc, le, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-6, atol=1e-8)
     torch._dynamo.reset()
+
+
+# ---- bf16 gradient rounding: AVX512_BF16 instruction and integer rounding give the same bits ---
+
+
+@pytest.fixture
+def allow_avx512_bf16():
+    from fastdistill import _C
+
+    if "avx512" not in _C.supported_isas():
+        pytest.skip("no AVX-512 variant on this CPU")
+    _C.set_isa("avx512")
+    _C.allow_avx512_bf16(True)
+    if not _C.avx512_bf16_in_use():
+        pytest.skip("this CPU has no AVX512_BF16: only the integer rounding runs")
+    yield _C
+    _C.allow_avx512_bf16(True)
+    _C.set_isa(_C.supported_isas()[-1])
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_bf16_gradient_rounding_instruction_equals_integer(allow_avx512_bf16, rng, reduction):
+    """Round to nearest even either way; the instruction also flushes denormals to 0."""
+    core = allow_avx512_bf16
+    s = rng.logits(7, 1500, dtype=torch.bfloat16)
+    t = rng.logits(7, 1500, dtype=torch.bfloat16)
+    s[0, :40] = float("-inf")  # exact zeros in the gradient
+    fn, _ = _fns(t, None, 2.0, reduction)
+    g = rng.grad_output(_loss_shape((7,), reduction))
+    _, grad_hw = run_loss(fn, s, g)
+    core.allow_avx512_bf16(False)
+    assert not core.avx512_bf16_in_use()
+    _, grad_int = run_loss(fn, s, g)
+    normal = grad_int.float().abs() >= torch.finfo(torch.float32).tiny
+    assert torch.equal(grad_hw[normal], grad_int[normal]), rng.tag
+    assert (grad_hw[~normal] == 0).all(), rng.tag

@@ -196,11 +196,6 @@ __attribute__((target("avx512bf16"))) inline void flush_bf16_hw(BF16* dst, const
   for (; i < n; ++i) store(dst, i, src[i]);
 }
 
-inline bool cpu_has_avx512_bf16() {
-  static const bool has = __builtin_cpu_supports("avx512bf16");
-  return has;
-}
-
 template <typename T>
 void flush_tile_avx512(T* dst, const float* tile, int64_t n) {
   using namespace simd16;
@@ -208,7 +203,9 @@ void flush_tile_avx512(T* dst, const float* tile, int64_t n) {
     stream_copy(dst, tile, n * static_cast<int64_t>(sizeof(float)));
   } else {
     if constexpr (std::is_same<T, BF16>::value) {
-      if (cpu_has_avx512_bf16()) return flush_bf16_hw(dst, tile, n);
+      if (cpu_has_avx512_bf16() && allow_avx512_bf16().load(std::memory_order_relaxed)) {
+        return flush_bf16_hw(dst, tile, n);
+      }
     }
     // 16 values at a time into a 16-bit tile, then streamed like the fp32 case.
     alignas(64) T bits[1024];

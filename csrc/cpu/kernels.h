@@ -3,6 +3,7 @@
 // compiled once per instruction-set variant into namespace fastdistill::<variant>
 // (see CMakeLists.txt); bindings.cpp chooses the variant at run time.
 #pragma once
+#include <atomic>
 #include <cstdint>
 
 namespace fastdistill {
@@ -68,6 +69,24 @@ struct KernelInputError {
   int64_t index;
   int64_t value;
 };
+
+// Whether the avx512 variant may convert bf16 gradients with the AVX512_BF16 instruction when the
+// CPU has it (default) or must use the integer rounding every other variant uses; tests switch it
+// off to compare the two. One flag for the whole program (an inline function's static).
+inline std::atomic<bool>& allow_avx512_bf16() {
+  static std::atomic<bool> allow{true};
+  return allow;
+}
+
+// The CPU can execute AVX512_BF16 instructions.
+inline bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
 
 #define FD_DECLARE_KERNELS(ns)                                                       \
   namespace ns {                                                                     \
