@@ -89,6 +89,8 @@ struct Pass2Args {
   float c_t;     // log2(e) / T: e^((x - m)/T) = 2^((x - m) c_t)
   float inv_t;   // 1 / T
   float *keep_s, *keep_t, *keep_1, *keep_u;  // e_s, e_t (at T), e_1 (student at 1), u
+  // T = 2 with KL and CE: e_1 = e^(s - ms) = e_s^2, one multiply instead of an exponential.
+  bool e1_is_es_squared = false;
   // The next row pair, prefetched into L2 while this row computes (AVX-512 loops only: one prefetch
   // per cache line needs an explicit loop). next_bytes = 0: nothing to prefetch.
   const char* next_s = nullptr;
@@ -116,8 +118,9 @@ Pass2Sums pass2_portable(const T* s, const T* t, const Pass2Args& p, int64_t j0,
     if constexpr (KL || MSE) y = load(t, j);
     if constexpr (KL || E1) max_s = x > max_s ? x : max_s;
     if constexpr (KL) max_t = y > max_t ? y : max_t;
+    float es = 0.0f;
     if constexpr (KL) {
-      const float es = fd_exp2((x - ms) * c_t);
+      es = fd_exp2((x - ms) * c_t);
       const float et = fd_exp2((y - mt) * c_t);
       zs += es;
       zt += et;
@@ -130,7 +133,7 @@ Pass2Sums pass2_portable(const T* s, const T* t, const Pass2Args& p, int64_t j0,
       dz += is_small(u) ? et * expm1_small(u) : es - et;
     }
     if constexpr (E1) {
-      const float e1 = fd_exp2((x - ms) * kLog2e);
+      const float e1 = KL && p.e1_is_es_squared ? es * es : fd_exp2((x - ms) * kLog2e);
       if constexpr (KEEP) p.keep_1[j] = e1;
       z1 += e1;
     }
@@ -257,6 +260,7 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
   const bool share = KL && CE && temp == 1.0f;
   const bool keep = KL || g;
   Pass2Args p2{ms, mt, ms - mt, kLog2e * inv_t, inv_t, nullptr, nullptr, nullptr, nullptr};
+  p2.e1_is_es_squared = KL && CE && temp == 2.0f;
   if (next_s) {
     p2.next_s = reinterpret_cast<const char*>(next_s);
     p2.next_t = reinterpret_cast<const char*>(next_t ? next_t : next_s);

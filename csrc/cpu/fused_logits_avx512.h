@@ -46,6 +46,16 @@ inline __m256i to_bits16(__m512 v, const F16*) {
   return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
+// A software prefetch that misses the TLB does nothing on this CPU (Zen 4), so on 4 KiB pages the
+// prefetches above would all be lost but for the first line of each page, which a real load
+// reaches first: it walks the page table for the prefetches that follow. Measured on 2048 x 32000
+// fp32 with 4 KiB input pages: KL forward 32 -> 27 ms (the in-cache time), forward + backward
+// 34.5 -> 30-31.5 ms.
+inline void touch_page_start(const char* line) {
+  if ((reinterpret_cast<uintptr_t>(line) & 4095) < 64)
+    (void)*reinterpret_cast<const volatile char*>(line);
+}
+
 // 2^y for y <= 64 or NaN, with the polynomial of fd_exp2. y below -150 (including -inf) is clamped
 // there, where vscalefps rounds the result to 0; _mm512_max_ps returns its second operand when
 // either is NaN, so NaN passes through.
@@ -93,6 +103,8 @@ Pass2Sums pass2_avx512(const T* s, const T* t, const Pass2Args& p, int64_t j0, i
     // the next row's DRAM reads with this row's arithmetic (bursts of them do not).
     const int64_t next_off = 4 * j;
     if (next_off < p.next_bytes) {
+      touch_page_start(p.next_s + next_off);
+      touch_page_start(p.next_t + next_off);
       _mm_prefetch(p.next_s + next_off, _MM_HINT_T1);
       _mm_prefetch(p.next_t + next_off, _MM_HINT_T1);
     }
@@ -102,8 +114,9 @@ Pass2Sums pass2_avx512(const T* s, const T* t, const Pass2Args& p, int64_t j0, i
     if constexpr (KL || MSE) y = load16(t + j, m);
     if constexpr (KL || E1) max_s = _mm512_mask_max_ps(max_s, m, max_s, x);
     if constexpr (KL) max_t = _mm512_mask_max_ps(max_t, m, max_t, y);
+    __m512 es = zero;
     if constexpr (KL) {
-      const __m512 es = exp2_16(_mm512_mul_ps(_mm512_sub_ps(x, ms), c_t));
+      es = exp2_16(_mm512_mul_ps(_mm512_sub_ps(x, ms), c_t));
       const __m512 et = exp2_16(_mm512_mul_ps(_mm512_sub_ps(y, mt), c_t));
       zs = _mm512_mask_add_ps(zs, m, zs, es);
       zt = _mm512_mask_add_ps(zt, m, zt, et);
@@ -119,7 +132,9 @@ Pass2Sums pass2_avx512(const T* s, const T* t, const Pass2Args& p, int64_t j0, i
       dz = _mm512_mask_add_ps(dz, m, dz, term);
     }
     if constexpr (E1) {
-      const __m512 e1 = exp2_16(_mm512_mul_ps(_mm512_sub_ps(x, ms), log2e));
+      const __m512 e1 = KL && p.e1_is_es_squared
+                            ? _mm512_mul_ps(es, es)
+                            : exp2_16(_mm512_mul_ps(_mm512_sub_ps(x, ms), log2e));
       if constexpr (KEEP) _mm512_mask_storeu_ps(p.keep_1 + j, m, e1);
       z1 = _mm512_mask_add_ps(z1, m, z1, e1);
     }
