@@ -74,10 +74,9 @@ inline __m512 exp2_16(__m512 y) {
 
 // v q(v), q of exp_minus_1_minus_x_small: e^v - 1 - v = (v q(v)) v and e^v - 1 = (v q(v)) v + v.
 inline __m512 v_times_q(__m512 v) {
-  __m512 q = _mm512_set1_ps(1.38977263e-3f);
-  q = _mm512_fmadd_ps(q, v, _mm512_set1_ps(8.34884122e-3f));
-  q = _mm512_fmadd_ps(q, v, _mm512_set1_ps(4.16667014e-2f));
-  q = _mm512_fmadd_ps(q, v, _mm512_set1_ps(1.66666418e-1f));
+  __m512 q = _mm512_set1_ps(8.340870961546898e-3f);
+  q = _mm512_fmadd_ps(q, v, _mm512_set1_ps(4.173790290951729e-2f));
+  q = _mm512_fmadd_ps(q, v, _mm512_set1_ps(1.0f / 6.0f));
   q = _mm512_fmadd_ps(q, v, _mm512_set1_ps(0.5f));
   return _mm512_mul_ps(q, v);
 }
