@@ -85,7 +85,7 @@ inline float row_max(const T* x, int64_t n) {
 // Pass 2 keeps its exponentials (student and teacher at T; student at 1 for CE) in a per-thread
 // fp32 scratch row, L2-resident for V up to ~64k, so pass 3 computes no exp.
 struct Pass2Args {
-  float ms, mt;  // row maxima of student and teacher
+  float ms, mt;  // shifts of the student and teacher exponentials (see process_row)
   float dm;      // ms - mt
   float c_t;     // log2(e) / T: e^((x - m)/T) = 2^((x - m) c_t)
   float inv_t;   // 1 / T
