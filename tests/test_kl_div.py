@@ -210,9 +210,10 @@ def test_huge_logits(native_isa, rng, dtype, temperature):
         check(fn, ref, s, g, what=f"|logits|<=1e4 {dtype} T={temperature} {reduction} {rng.tag}")
 
 
-# The CPU kernel shifts its exponentials by the maxima of each row's first 1024 columns, not by
-# the row maxima (csrc/cpu/fused_logits.cpp), and runs its sums again with the true maxima when a
-# later column lies so far above that an exponential could pass 2^64. V = 2500 spans three blocks.
+# The CPU kernel shifts its exponentials by the maxima of each row's first block (1024 columns on
+# AVX-512, 256 elsewhere), not by the row maxima (csrc/cpu/fused_logits.cpp), and runs its sums
+# again with the true maxima when a later column lies so far above that an exponential could pass
+# 2^64. V = 2500 spans several blocks.
 @pytest.mark.parametrize(
     "gap,temperature",
     [(20.0, 2.0), (80.0, 1.0), (300.0, 0.5)],
@@ -233,7 +234,8 @@ def test_row_maximum_far_past_the_first_block(native_isa, rng, gap, temperature,
 
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 def test_first_block_all_neg_inf(native_isa, rng, temperature):
-    """No finite logit in the first 1024 columns: the kernel falls back to the whole-row maxima."""
+    """No finite logit in the first block (<= 1024 columns): the kernel falls back to the whole-row
+    maxima."""
     s = rng.logits(5, 2100)
     t = rng.logits(5, 2100)
     s[:, :1100] = float("-inf")
