@@ -73,7 +73,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_terminal_summary(terminalreporter):
     if harness.SUMMARY_LINES:
-        terminalreporter.section("fastdistill issue-2 targets")
+        terminalreporter.section("fastdistill benchmark summary")
         for line in harness.SUMMARY_LINES:
             terminalreporter.write_line(line)
 

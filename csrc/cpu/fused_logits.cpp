@@ -90,8 +90,6 @@ struct Pass2Args {
   float c_t;     // log2(e) / T: e^((x - m)/T) = 2^((x - m) c_t)
   float inv_t;   // 1 / T
   float *keep_s, *keep_t, *keep_1, *keep_u;  // e_s, e_t (at T), e_1 (student at 1), u
-  // T = 2 with KL and CE: e_1 = e^(s - ms) = e_s^2, one multiply instead of an exponential.
-  bool e1_is_es_squared = false;
   // The next row pair, prefetched into L2 while this row computes (AVX-512 loops only: one prefetch
   // per cache line needs an explicit loop). next_bytes = 0: nothing to prefetch.
   const char* next_s = nullptr;
@@ -105,14 +103,17 @@ struct Pass2Sums {
   float max_s = -kInf, max_t = -kInf;  // block maxima (tracked where the exponentials need them)
 };
 
-// Template flags: KL, E1 (the CE exponential e^(s - ms), unless CE shares the KL student softmax at
-// T = 1), MSE, KEEP (write the scratch rows).
-template <typename T, bool KL, bool E1, bool MSE, bool KEEP>
+// The CE exponential e_1 = e^(s - ms): none (no CE, or CE shares the KL student softmax at T = 1),
+// its own exponential, or e_s^2 (KL at T = 2: one multiply instead of an exponential).
+enum E1Mode : int { kE1None = 0, kE1Exp = 1, kE1Square = 2 };
+
+// Template flags: KL, E1 (an E1Mode), MSE, KEEP (write the scratch rows). A loop-invariant runtime
+// choice inside an `omp simd` loop kept GCC from vectorising it, hence the template parameters.
+template <typename T, bool KL, int E1, bool MSE, bool KEEP>
 Pass2Sums pass2_portable(const T* s, const T* t, const Pass2Args& p, int64_t j0, int64_t j1) {
   float zs = 0.0f, zt = 0.0f, dz = 0.0f, z1 = 0.0f, sq = 0.0f;
   float max_s = -kInf, max_t = -kInf;
   const float ms = p.ms, mt = p.mt, dm = p.dm, c_t = p.c_t, inv_t = p.inv_t;
-  const bool e1_is_es_squared = p.e1_is_es_squared;
   // Locals, not p.keep_*: stores through a pointer read from p inside the loop made GCC run the
   // scalar version of the loop inside process_row (6x slower).
   float* const keep_s = p.keep_s;
@@ -124,7 +125,7 @@ Pass2Sums pass2_portable(const T* s, const T* t, const Pass2Args& p, int64_t j0,
     const float x = load(s, j);
     float y = 0.0f;
     if constexpr (KL || MSE) y = load(t, j);
-    if constexpr (KL || E1) max_s = x > max_s ? x : max_s;
+    if constexpr (KL || E1 != kE1None) max_s = x > max_s ? x : max_s;
     if constexpr (KL) max_t = y > max_t ? y : max_t;
     float es = 0.0f;
     if constexpr (KL) {
@@ -140,8 +141,8 @@ Pass2Sums pass2_portable(const T* s, const T* t, const Pass2Args& p, int64_t j0,
       }
       dz += is_small(u) ? et * expm1_small(u) : es - et;
     }
-    if constexpr (E1) {
-      const float e1 = KL && e1_is_es_squared ? es * es : fd_exp2((x - ms) * kLog2e);
+    if constexpr (E1 != kE1None) {
+      const float e1 = E1 == kE1Square ? es * es : fd_exp2((x - ms) * kLog2e);
       if constexpr (KEEP) keep_1[j] = e1;
       z1 += e1;
     }
@@ -276,7 +277,6 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
   const bool share = KL && CE && temp == 1.0f;
   const bool keep = KL || g;
   Pass2Args p2{ms, mt, ms - mt, kLog2e * inv_t, inv_t, nullptr, nullptr, nullptr, nullptr};
-  p2.e1_is_es_squared = KL && CE && temp == 2.0f;
   if (next_s) {
     p2.next_s = reinterpret_cast<const char*>(next_s);
     p2.next_t = reinterpret_cast<const char*>(next_t ? next_t : next_s);
@@ -295,7 +295,8 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
   double zs_d, zt_d, dz_d, z1_d, sq_d;
   float max_s, max_t;
   auto pass2 = [&](auto e1_tag, auto keep_tag) {
-    constexpr bool kE1 = decltype(e1_tag)::value, kKeep = decltype(keep_tag)::value;
+    constexpr int kE1 = decltype(e1_tag)::value;
+    constexpr bool kKeep = decltype(keep_tag)::value;
     zs_d = zt_d = dz_d = z1_d = sq_d = 0.0;
     max_s = max_t = -kInf;
     for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
@@ -313,11 +314,16 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
   auto run_pass2 = [&] {
     using True = std::true_type;
     using False = std::false_type;
-    if (CE && !share) {
-      keep ? pass2(std::integral_constant<bool, CE>{}, True{})
-           : pass2(std::integral_constant<bool, CE>{}, False{});
+    using E1None = std::integral_constant<int, kE1None>;
+    // kE1Square only where KL computes e_s; without CE every mode is kE1None.
+    using E1Exp = std::integral_constant<int, CE ? kE1Exp : kE1None>;
+    using E1Square = std::integral_constant<int, CE && KL ? kE1Square : kE1None>;
+    if (CE && !share && KL && temp == 2.0f) {
+      keep ? pass2(E1Square{}, True{}) : pass2(E1Square{}, False{});
+    } else if (CE && !share) {
+      keep ? pass2(E1Exp{}, True{}) : pass2(E1Exp{}, False{});
     } else {
-      keep ? pass2(False{}, True{}) : pass2(False{}, False{});
+      keep ? pass2(E1None{}, True{}) : pass2(E1None{}, False{});
     }
   };
   run_pass2();

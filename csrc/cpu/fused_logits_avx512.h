@@ -89,7 +89,7 @@ inline __mmask16 small16(__m512 v) {
 
 }  // namespace simd16
 
-template <typename T, bool KL, bool E1, bool MSE, bool KEEP>
+template <typename T, bool KL, int E1, bool MSE, bool KEEP>
 Pass2Sums pass2_avx512(const T* s, const T* t, const Pass2Args& p, int64_t j0, int64_t j1) {
   using namespace simd16;
   const __m512 zero = _mm512_setzero_ps();
@@ -112,7 +112,7 @@ Pass2Sums pass2_avx512(const T* s, const T* t, const Pass2Args& p, int64_t j0, i
     const __m512 x = load16(s + j, m);
     __m512 y = zero;
     if constexpr (KL || MSE) y = load16(t + j, m);
-    if constexpr (KL || E1) max_s = _mm512_mask_max_ps(max_s, m, max_s, x);
+    if constexpr (KL || E1 != kE1None) max_s = _mm512_mask_max_ps(max_s, m, max_s, x);
     if constexpr (KL) max_t = _mm512_mask_max_ps(max_t, m, max_t, y);
     __m512 es = zero;
     if constexpr (KL) {
@@ -131,10 +131,9 @@ Pass2Sums pass2_avx512(const T* s, const T* t, const Pass2Args& p, int64_t j0, i
       const __m512 term = _mm512_mask_mul_ps(_mm512_sub_ps(es, et), small16(u), et, em1);
       dz = _mm512_mask_add_ps(dz, m, dz, term);
     }
-    if constexpr (E1) {
-      const __m512 e1 = KL && p.e1_is_es_squared
-                            ? _mm512_mul_ps(es, es)
-                            : exp2_16(_mm512_mul_ps(_mm512_sub_ps(x, ms), log2e));
+    if constexpr (E1 != kE1None) {
+      const __m512 e1 = E1 == kE1Square ? _mm512_mul_ps(es, es)
+                                        : exp2_16(_mm512_mul_ps(_mm512_sub_ps(x, ms), log2e));
       if constexpr (KEEP) _mm512_mask_storeu_ps(p.keep_1 + j, m, e1);
       z1 = _mm512_mask_add_ps(z1, m, z1, e1);
     }
