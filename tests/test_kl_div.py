@@ -8,6 +8,7 @@ import pytest
 import torch
 from _oracle import (
     IMPLS,
+    ISAS,
     TORCH_BACKEND_UNSELECTED_NAN_GRAD,
     Rng,
     assert_garbage_ignored,
@@ -18,9 +19,10 @@ from _oracle import (
     norm,
     oracle,
     run_loss,
+    use_impl,
 )
 
-from fastdistill import reference
+from fastdistill import _native, reference
 from fastdistill.losses import KLDivLoss, all_finite, kl_div_loss
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -575,18 +577,17 @@ def test_compile_inductor_matches_eager(rng):
 
 
 @pytest.fixture
-def allow_avx512_bf16():
-    from fastdistill import _C
-
-    if "avx512" not in _C.supported_isas():
+def allow_avx512_bf16(monkeypatch):
+    """The avx512 variant with the AVX512_BF16 rounding on (conftest restores the variant)."""
+    if "avx512" not in ISAS:
         pytest.skip("no AVX-512 variant on this CPU")
-    _C.set_isa("avx512")
-    _C.allow_avx512_bf16(True)
-    if not _C.avx512_bf16_in_use():
+    use_impl(monkeypatch, "native:avx512")
+    core = _native.core()
+    core.allow_avx512_bf16(True)
+    if not core.avx512_bf16_in_use():
         pytest.skip("this CPU has no AVX512_BF16: only the integer rounding runs")
-    yield _C
-    _C.allow_avx512_bf16(True)
-    _C.set_isa(_C.supported_isas()[-1])
+    yield core
+    core.allow_avx512_bf16(True)
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
