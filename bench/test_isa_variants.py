@@ -5,9 +5,10 @@ so a variant that silently drops out of its vector loops still passes them. That
 part of one session the avx2 and baseline variants ran pass 2 and pass 3 as scalar loops (GCC
 versioned them around stores through a struct's pointers), 6x slower, with the right results.
 
-This times kl_div and distillation (three terms) forward + backward, fp32, on the BERT shape, on
-each variant this CPU runs, interleaved (best of ``REPS``), and asserts that each narrower variant
-stays within ``MAX_SLOWDOWN`` of the widest. The bounds leave room for the real differences
+This times kl_div and distillation (three terms) forward + backward, fp32, on the BERT shape (the
+suite's own inputs and calls: harness.InputCache, baselines.FASTDISTILL), on each variant this CPU
+runs, interleaved (best of ``REPS``), and asserts that each narrower variant stays within
+``MAX_SLOWDOWN`` of the widest. The bounds leave room for the real differences
 (vector width, FMA, the AVX-512 loops' prefetch and page walks) and catch a fallback to scalar
 code. The table is printed at the end of the run.
 """
@@ -19,65 +20,47 @@ import time
 import pytest
 import torch
 
-from fastdistill import _native, losses
+from fastdistill import _native
 
-from . import harness, shapes
+from . import baselines, harness, shapes
 
 REPS = 5
 # Slowdown against the widest variant that still counts as vectorised code. Measured on the
 # project's Zen 4 VM (this file, 2026-11-25): avx2 1.5x for both ops; baseline (SSE2, no FMA, no
-# streaming stores) 3.4x for kl_div and 7.8x for distillation. The scalar loops of the bug above
-# were 11x (avx2, kl_div).
+# streaming stores) 3.4-3.5x for kl_div and 6.2-6.3x for distillation. The scalar loops of the bug
+# above were 11x (avx2, kl_div, 2048 x 32000).
 MAX_SLOWDOWN = {"avx512": 1.0, "avx2": 3.0, "baseline": 12.0}
 
 pytestmark = pytest.mark.skipif(not _native.available(), reason="compiled core not built")
 
-
-def _inputs():
-    shape = shapes.BERT
-    gen = torch.Generator().manual_seed(7)
-    s = 3 * torch.randn(shape.logits_shape, generator=gen)
-    t = s + 0.5 * torch.randn(shape.logits_shape, generator=gen)
-    labels = torch.randint(0, shape.vocab, (shape.rows,), generator=gen)
-    return s, t, labels
+OPS = ("kl_div", "distillation")  # the suite's own calls (bench/baselines.py), T = 2
 
 
-def _kl(x, t, labels):
-    return losses.kl_div_loss(x, t, temperature=2.0)
-
-
-def _distillation(x, t, labels):
-    return losses.distillation_loss(
-        x, t, labels=labels, temperature=2.0, alpha_kl=5.0, alpha_ce=2.0, alpha_mse=1.0
-    )[0]
-
-
-OPS = {"kl_div": _kl, "distillation": _distillation}
-
-
-def _timed(fn, s, t, labels) -> float:
-    x = s.detach().requires_grad_()
+def _timed(fn, inp) -> float:
+    x = inp.student.detach().requires_grad_()
     t0 = time.perf_counter()
-    fn(x, t, labels).backward()
+    out = fn(x, inp.teacher, inp.labels)
+    (out[0] if isinstance(out, tuple) else out).backward()
     return time.perf_counter() - t0
 
 
 @pytest.fixture(scope="module")
-def variant_times():
+def variant_times(input_cache):
     core = _native.core()
     isas = list(core.supported_isas())  # narrowest first
     before = core.isa()
-    s, t, labels = _inputs()
+    inp = input_cache.get(shapes.BERT, torch.float32)
     best: dict[tuple[str, str], float] = {}
     try:
-        for op, fn in OPS.items():
+        for op in OPS:
+            fn = baselines.FASTDISTILL[op]
             for isa in isas:  # untimed warm-up: buffer pool, first-touch faults
                 core.set_isa(isa)
-                _timed(fn, s, t, labels)
+                _timed(fn, inp)
             for _ in range(REPS):
                 for isa in isas:
                     core.set_isa(isa)
-                    dt = _timed(fn, s, t, labels)
+                    dt = _timed(fn, inp)
                     best[op, isa] = min(best.get((op, isa), float("inf")), dt)
     finally:
         core.set_isa(before)
