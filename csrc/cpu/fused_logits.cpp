@@ -240,7 +240,6 @@ namespace {
 template <typename T, bool KL, bool CE, bool MSE>
 RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t label, RowWeights w,
                       T* g, const T* next_s, const T* next_t) {
-  const DenormalsAsZero ftz;  // two MXCSR writes per row: nothing next to V >= 1k columns
   RowResult res;
   // Rows whose softmax is undefined propagate NaN (the reference gives NaN too), never hide it.
   auto nan_row = [&] {
@@ -448,9 +447,7 @@ void run(const FusedLogitsArgs& a) {
                         static_cast<float>(a.w_ce / d_ce),
                         static_cast<float>(2.0 * a.w_mse / d_mse)};
 
-  std::vector<RowResult> rows(static_cast<size_t>(N));
-#pragma omp parallel for schedule(static) num_threads(a.num_threads)
-  for (int64_t r = 0; r < N; ++r) {
+  auto row = [&](int64_t r) -> RowResult {
     const T* s = S + r * a.student_row_stride;
     const T* t = Tch ? Tch + r * a.teacher_row_stride : nullptr;
     T* g = G ? G + r * V : nullptr;
@@ -462,35 +459,26 @@ void run(const FusedLogitsArgs& a) {
     const int64_t label = CE ? a.labels[r] : a.ignore_index;
     const bool kl = KL && sel, mse = MSE && sel, ce = CE && label != a.ignore_index;
     // Runtime row flags -> compile-time row function; only subsets of the op's terms occur.
-    const int key = (kl ? 4 : 0) | (ce ? 2 : 0) | (mse ? 1 : 0);
-    RowResult res;
-    switch (key) {
-      case 7:
-        res = process_row<T, true, true, true>(s, t, V, temp, label, full, g, ns, nt);
-        break;
-      case 6:
-        res = process_row<T, true, true, false>(s, t, V, temp, label, full, g, ns, nt);
-        break;
-      case 5:
-        res = process_row<T, true, false, true>(s, t, V, temp, label, full, g, ns, nt);
-        break;
-      case 4:
-        res = process_row<T, true, false, false>(s, t, V, temp, label, full, g, ns, nt);
-        break;
-      case 3:
-        res = process_row<T, false, true, true>(s, t, V, temp, label, full, g, ns, nt);
-        break;
-      case 2:
-        res = process_row<T, false, true, false>(s, t, V, temp, label, full, g, ns, nt);
-        break;
-      case 1:
-        res = process_row<T, false, false, true>(s, t, V, temp, label, full, g, ns, nt);
-        break;
+    switch ((kl ? 4 : 0) | (ce ? 2 : 0) | (mse ? 1 : 0)) {
+      case 7: return process_row<T, true, true, true>(s, t, V, temp, label, full, g, ns, nt);
+      case 6: return process_row<T, true, true, false>(s, t, V, temp, label, full, g, ns, nt);
+      case 5: return process_row<T, true, false, true>(s, t, V, temp, label, full, g, ns, nt);
+      case 4: return process_row<T, true, false, false>(s, t, V, temp, label, full, g, ns, nt);
+      case 3: return process_row<T, false, true, true>(s, t, V, temp, label, full, g, ns, nt);
+      case 2: return process_row<T, false, true, false>(s, t, V, temp, label, full, g, ns, nt);
+      case 1: return process_row<T, false, false, true>(s, t, V, temp, label, full, g, ns, nt);
       default:
         if (g) fill_row(g, V, 0.0f);
-        break;
+        return RowResult{};
     }
-    rows[static_cast<size_t>(r)] = res;
+  };
+
+  std::vector<RowResult> rows(static_cast<size_t>(N));
+#pragma omp parallel num_threads(a.num_threads)
+  {
+    const DenormalsAsZero ftz;  // per thread, for the whole call
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < N; ++r) rows[static_cast<size_t>(r)] = row(r);
   }
 
   // Deterministic reduction in row order, in double.
