@@ -22,11 +22,11 @@ test-triton:
 
 # Triton kernels compiled for sm_80/sm_90 without a GPU, registers and spills reported.
 compile-check:
-	$(PYTHON) -m bench.triton_compile_check
+	$(PYTHON) -m tools.gpu.triton_compile_check
 
 # On a GPU machine: CUDA build, GPU tests, GPU benchmark (bench/README.md).
 gpu-check:
-	bash bench/gpu_check.sh
+	bash tools/gpu/gpu_check.sh
 
 bench:
 	$(PYTEST) bench -q

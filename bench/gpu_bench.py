@@ -8,7 +8,7 @@ and Liger-Kernel's two kl_div pipelines, in one run that also measures the card'
     python -m bench.gpu_bench --impls fastdistill-triton,eager --budget-s 120
     python -m bench.gpu_bench --list             # print the plan and exit (no GPU needed)
 
-``bash bench/gpu_check.sh`` runs it after building with CUDA and running the GPU tests.
+``bash tools/gpu/gpu_check.sh`` runs it after building with CUDA and running the GPU tests.
 
 For every row (op, shape, dtype) and implementation, in one process:
 
@@ -894,7 +894,7 @@ def parse_args(argv):
     p.add_argument(
         "--require-backends",
         action="store_true",
-        help="count a fastdistill backend that cannot run as a failure (bench/gpu_check.sh)",
+        help="count a fastdistill backend that cannot run as a failure (tools/gpu/gpu_check.sh)",
     )
     p.add_argument("--list", action="store_true", help="print the plan and exit")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing rows")
@@ -925,7 +925,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "gpu_bench: no CUDA device (torch.cuda.is_available() is False; torch "
             f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}). Run it on a GPU "
-            "machine, e.g. `bash bench/gpu_check.sh`.",
+            "machine, e.g. `bash tools/gpu/gpu_check.sh`.",
             file=sys.stderr,
         )
         return 2

@@ -22,7 +22,8 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # The Triton kernels run on CPU tensors through the Triton interpreter (DESIGN.md section 7).
 # Triton reads this when a kernel module is imported, so it is set before anything imports one.
-# A GPU run (bench/gpu_check.sh) sets TRITON_INTERPRET=0 to compile them for the device instead.
+# A GPU run (tools/gpu/gpu_check.sh) sets TRITON_INTERPRET=0 to compile them for the device
+# instead.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402

@@ -6,8 +6,8 @@ development and CI machine); a backend that cannot run (the core built without C
 Triton kernel for an op) skips that backend with the reason. tests/conftest.py turns the Triton
 interpreter on for the CPU suite, and Triton decides between interpreting and compiling once per
 process, so the Triton half needs ``TRITON_INTERPRET=0`` (without it those tests skip and say so).
-``bash bench/gpu_check.sh`` runs them on a GPU machine with ``FASTDISTILL_GPU_STRICT=1``, which
-turns every such skip into a failure:
+``bash tools/gpu/gpu_check.sh`` runs them on a GPU machine with ``FASTDISTILL_GPU_STRICT=1``,
+which turns every such skip into a failure:
 
     TRITON_INTERPRET=0 pytest -q -m gpu tests/test_gpu.py
 

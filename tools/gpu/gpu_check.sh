@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Everything a GPU machine should check, in one command of at most ~10 minutes (issue 3,
-# DESIGN.md section 7): build with the CUDA kernels, run the GPU tests, run the GPU benchmark.
+# Everything a GPU machine should check, in one command of at most ~10 minutes (DESIGN.md
+# section 7): build with the CUDA kernels, run the GPU tests, run the GPU benchmark.
 #
-#   bash bench/gpu_check.sh
+#   bash tools/gpu/gpu_check.sh
 #
 # Stages, each printed with its wall time and capped with `timeout`:
 #   gpu      nvidia-smi summary, nvcc version                                     (30 s)
@@ -29,7 +29,7 @@
 #                           results go to bench/results/ and the logs to a fresh /tmp folder
 set -euo pipefail
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."  # the repository root (this file is tools/gpu/)
 T0=$SECONDS
 DEADLINE=${GPU_CHECK_DEADLINE_S:-570}
 FAILED=0

@@ -6,7 +6,7 @@ the real compiler (Triton → PTX) for sm_80 and sm_90 on the launch configurati
 and assembles each PTX with Triton's bundled ``ptxas -v`` to read registers and spill bytes. It
 needs no GPU and no CUDA driver; .ci/run calls it.
 
-    TRITON_INTERPRET=0 python -m bench.triton_compile_check [--archs 80,90]
+    TRITON_INTERPRET=0 python -m tools.gpu.triton_compile_check [--archs 80,90]
 """
 
 from __future__ import annotations

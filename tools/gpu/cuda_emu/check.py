@@ -6,9 +6,9 @@ thread, blocks one after another, __syncthreads and warp shuffles on std::barrie
 modelled as exp2 with a deterministic +-2 ulp error, 16-byte alignment of vector accesses
 checked) and run on CPU tensors through ctypes.
 
-    python bench/cuda_emu/check.py                 # everything (~10 min on 2 cores)
-    SECTIONS=2,11 FUZZ_N=200 FUZZ_SEED=5 python bench/cuda_emu/check.py
-    GRID_CAP=3 python bench/cuda_emu/check.py      # grid-stride path: at most 3 blocks
+    python tools/gpu/cuda_emu/check.py               # everything (~10 min on 2 cores)
+    SECTIONS=2,11 FUZZ_N=200 FUZZ_SEED=5 python tools/gpu/cuda_emu/check.py
+    GRID_CAP=3 python tools/gpu/cuda_emu/check.py    # grid-stride path: at most 3 blocks
 
 What it cannot show: timing, the memory model, cache hints, real ex2.approx/cvt rounding, or
 anything the GPU does differently from the C++ abstract machine.
@@ -25,7 +25,7 @@ import tempfile
 import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
-CSRC = HERE.parent.parent / "csrc"
+CSRC = HERE.parents[2] / "csrc"  # tools/gpu/cuda_emu -> the repository root
 CUDA_DIR = CSRC / "cuda"
 
 
