@@ -3,7 +3,10 @@ PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 PYTEST ?= pytest
 
-.PHONY: install test test-triton compile-check gpu-check bench lint format env
+.PHONY: install test test-triton compile-check gpu-check bench lint check format env
+
+# The Python sources that ruff lints and formats (the same list as .ci/run).
+PYTHON_SOURCES = fastdistill tests bench tools
 
 # torch is pinned and installed first: left to resolve `torch` itself, pip pulls the multi-GB
 # CUDA build. --no-build-isolation builds against the scikit-build-core/pybind11 installed here;
@@ -32,11 +35,16 @@ bench:
 	$(PYTEST) bench -q
 
 lint:
-	ruff check fastdistill tests bench
+	ruff check $(PYTHON_SOURCES)
+
+# What .ci/run checks: lint findings and unformatted files both fail.
+check:
+	ruff check $(PYTHON_SOURCES)
+	ruff format --check $(PYTHON_SOURCES)
 
 format:
-	ruff format fastdistill tests bench
-	ruff check --fix fastdistill tests bench
+	ruff format $(PYTHON_SOURCES)
+	ruff check --fix $(PYTHON_SOURCES)
 
 env:
 	$(PYTHON) -m fastdistill env
