@@ -29,7 +29,7 @@ def _worker(rank: int, world: int, port: int, config: dict) -> None:
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
-    train(TrainConfig(**config))
+    train(TrainConfig.from_dict(config))
 
 
 def train_two_processes_and_one(tmp_path: Path, common: dict, *, global_batch: int) -> dict:
@@ -48,11 +48,13 @@ def train_two_processes_and_one(tmp_path: Path, common: dict, *, global_batch: i
     torch.set_num_threads(1)  # as each of the two processes
     try:
         return train(
-            TrainConfig(
-                **common,
-                batch_size=global_batch,
-                output_dir=str(tmp_path / "one"),
-                cache_dir=str(tmp_path / "c1"),
+            TrainConfig.from_dict(
+                dict(
+                    common,
+                    batch_size=global_batch,
+                    output_dir=str(tmp_path / "one"),
+                    cache_dir=str(tmp_path / "c1"),
+                )
             )
         )
     finally:

@@ -1,5 +1,5 @@
-"""Trainer data: the token cache (build, reuse, invalidation, corruption), the seed's sequence
-rules, MLM masking statistics and the batch plan."""
+"""Text-task data: the token cache (build, reuse, invalidation, corruption), the DistilBERT
+scripts' sequence rules, MLM masking statistics and the batch plan."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from fastdistill.train import data as D
+from fastdistill.train import cache
+from fastdistill.train.batching import BatchPlan
 from fastdistill.train.demo import CORPUS, build_wordpiece_tokenizer
+from fastdistill.train.tasks import text_data as D
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +24,14 @@ def corpus(tmp_path_factory):
     return path, tok
 
 
-def _build(path, tok, cache, **kw):
-    args = dict(task="mlm", max_length=32, min_length=12, max_unknown_fraction=0.5, cache_dir=cache)
-    args.update(kw)
-    return D.load_or_build([str(path)], tok, **args)
+def _settings(tok, max_length=32, min_length=12, max_unknown_fraction=0.5):
+    boundary = D.boundary_ids(tok, ("cls_token", "sep_token"), "mlm")
+    return D.TextSettings(boundary, max_length, min_length, max_unknown_fraction)
+
+
+def _build(path, tok, cache_dir, build=True, **kw):
+    settings = _settings(tok, **kw)
+    return D.load_or_build([str(path)], tok, settings, cache_dir=cache_dir, build=build)
 
 
 def test_cache_is_built_then_reused(corpus, tmp_path, monkeypatch):
@@ -34,12 +40,7 @@ def test_cache_is_built_then_reused(corpus, tmp_path, monkeypatch):
     assert len(first) > 500 and first.lengths.max() <= 32 and first.lengths.min() >= 12
     assert first.counts.sum() == first.num_tokens
     (key_dir,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
-    assert sorted(p.name for p in key_dir.iterdir()) == [
-        "counts.npy",
-        "ids.npy",
-        "meta.json",
-        "offsets.npy",
-    ]
+    assert sorted(p.name for p in key_dir.iterdir()) == [cache.ARRAYS_FILE, cache.META_FILE]
 
     def no_tokenising(*a, **k):
         raise AssertionError("the cache should have been reused")
@@ -52,36 +53,36 @@ def test_cache_is_built_then_reused(corpus, tmp_path, monkeypatch):
 
 def test_cache_key_covers_inputs(corpus, tmp_path):
     path, tok = corpus
-    key = D.cache_key([str(path)], tok, "mlm", 32, 12, 0.5)[0]
-    assert D.cache_key([str(path)], tok, "mlm", 64, 12, 0.5)[0] != key
-    assert D.cache_key([str(path)], tok, "mlm", 32, 10, 0.5)[0] != key
+    key = D.cache_key([str(path)], tok, _settings(tok))[0]
+    assert D.cache_key([str(path)], tok, _settings(tok, max_length=64))[0] != key
+    assert D.cache_key([str(path)], tok, _settings(tok, min_length=10))[0] != key
+    assert D.cache_key([str(path)], tok, _settings(tok, max_unknown_fraction=0.4))[0] != key
     other = tmp_path / "other.txt"
     other.write_text(path.read_text() + "one more line of text for the hash\n")
-    assert D.cache_key([str(other)], tok, "mlm", 32, 12, 0.5)[0] != key
+    assert D.cache_key([str(other)], tok, _settings(tok))[0] != key
     tok2 = build_wordpiece_tokenizer([path], 450)
-    assert D.cache_key([str(path)], tok2, "mlm", 32, 12, 0.5)[0] != key
+    assert D.cache_key([str(path)], tok2, _settings(tok2))[0] != key
 
 
 @pytest.mark.parametrize(
-    "damage", ["truncate_ids", "garbage_meta", "flip_offsets", "missing_counts"]
+    "damage", ["truncate_arrays", "garbage_meta", "flip_byte", "missing_arrays"]
 )
 def test_corrupt_cache_is_rebuilt(corpus, tmp_path, damage, caplog):
     path, tok = corpus
     good = _build(path, tok, tmp_path)
     (key_dir,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
-    if damage == "truncate_ids":
-        f = key_dir / "ids.npy"
-        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    arrays = key_dir / cache.ARRAYS_FILE
+    if damage == "truncate_arrays":
+        arrays.write_bytes(arrays.read_bytes()[: arrays.stat().st_size // 2])
     elif damage == "garbage_meta":
-        (key_dir / "meta.json").write_text("{not json")
-    elif damage == "flip_offsets":
-        f = key_dir / "offsets.npy"
-        raw = bytearray(f.read_bytes())
+        (key_dir / cache.META_FILE).write_text("{not json")
+    elif damage == "flip_byte":
+        raw = bytearray(arrays.read_bytes())
         raw[-3] ^= 0xFF
-        f.write_bytes(bytes(raw))
+        arrays.write_bytes(bytes(raw))
     else:
-        (key_dir / "counts.npy").unlink()
-    with pytest.raises(ValueError, match="unreadable"):
+        arrays.unlink()
+    with pytest.raises(ValueError, match="unusable"):
         _build(path, tok, tmp_path, build=False)  # a reader that may not build says so clearly
     rebuilt = _build(path, tok, tmp_path)
     assert "rebuilding" in caplog.text
@@ -105,7 +106,7 @@ def test_sequence_rules(tmp_path, corpus):
         )
         + "\n"
     )
-    ids, offsets, stats = D.tokenize_files([str(f)], tok, "mlm", 32, 12, 0.5)
+    ids, offsets, stats = D.tokenize_files([str(f)], tok, _settings(tok))
     lengths = np.diff(offsets)
     assert stats["split"] >= 3 and stats["too_short"] >= 1 and stats["unknown"] == 1
     assert lengths.max() <= 32 and lengths.min() >= 12
@@ -160,8 +161,8 @@ def test_mlm_masking_statistics(corpus, tmp_path):
 def test_batch_plan_partitions_and_groups_lengths():
     rng = np.random.default_rng(0)
     lengths = rng.integers(12, 128, size=1000)
-    one = D.BatchPlan(lengths, batch_size=8, world_size=1, accum=2, seed=3)
-    two = D.BatchPlan(lengths, batch_size=4, world_size=2, accum=2, seed=3)
+    one = BatchPlan(lengths, batch_size=8, world_size=1, accum=2, seed=3)
+    two = BatchPlan(lengths, batch_size=4, world_size=2, accum=2, seed=3)
     assert one.steps_per_epoch == two.steps_per_epoch == 1000 // 8 // 2
     s1, s2 = one.steps(0), two.steps(0)
     for a, b in zip(
@@ -184,12 +185,10 @@ def test_batch_plan_partitions_and_groups_lengths():
 
 def test_batch_plan_too_little_data():
     with pytest.raises(ValueError, match="not enough data"):
-        D.BatchPlan(np.full(5, 20), batch_size=4, world_size=1, accum=2, seed=0)
+        BatchPlan(np.full(5, 20), batch_size=4, world_size=1, accum=2, seed=0)
 
 
 def test_missing_file_is_a_clear_error(corpus, tmp_path):
     _, tok = corpus
     with pytest.raises(ValueError, match="data file not found"):
-        D.load_or_build(
-            [str(tmp_path / "nope.txt")], tok, task="mlm", max_length=32, cache_dir=tmp_path
-        )
+        D.load_or_build([str(tmp_path / "nope.txt")], tok, _settings(tok), cache_dir=tmp_path)

@@ -7,9 +7,9 @@ import json
 
 import transformers
 from _ddp import train_two_processes_and_one
+from _tiny import tiny_inputs
 from safetensors.torch import load_file
 
-from fastdistill.train.demo import tiny_inputs
 from fastdistill.train.student import init_student_from_teacher
 
 

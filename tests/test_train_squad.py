@@ -12,13 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from _tiny import build_word_tokenizer, tiny_squad_inputs
 from safetensors.torch import load_file
 
 from fastdistill.train import TrainConfig, train
-from fastdistill.train import squad_data as sd
 from fastdistill.train.cli import main as train_main
-from fastdistill.train.demo import build_word_tokenizer, tiny_config, tiny_squad_inputs
-from fastdistill.train.squad import squad_loss
+from fastdistill.train.demo import tiny_config
+from fastdistill.train.tasks.squad import features as sd
+from fastdistill.train.tasks.squad.loss import squad_loss
 
 DATA = Path(__file__).parent / "data"
 DEV = DATA / "dev-v2.0.json"  # nested SQuAD v2.0: 14 questions, 6 unanswerable
@@ -40,20 +41,16 @@ def _one_thread():
 
 def test_squad_defaults_follow_the_seed():
     c = TrainConfig(task="squad", teacher="t", train_files=["a.json"]).resolved()
-    assert (c.alpha_kl, c.alpha_squad, c.alpha_cos, c.alpha_mlm, c.temperature) == (
-        0.5,
-        0.5,
-        0.0,
-        0.0,
-        2.0,
-    )
-    assert (c.max_length, c.doc_stride, c.max_query_length) == (384, 128, 64)
-    assert (c.n_best_size, c.max_answer_length, c.null_score_diff_threshold) == (20, 30, 0.0)
-    assert c.mask_question_and_padding is False and c.squad_version == "auto"
+    o = c.options
+    assert (c.alpha_kl, o.alpha_squad, c.alpha_cos, c.temperature) == (0.5, 0.5, 0.0, 2.0)
+    assert "alpha_mlm" not in c.to_dict()  # an mlm key, not a squad one
+    assert (c.max_length, o.doc_stride, o.max_query_length) == (384, 128, 64)
+    assert (o.n_best_size, o.max_answer_length, o.null_score_diff_threshold) == (20, 30, 0.0)
+    assert o.mask_question_and_padding is False and o.squad_version == "auto"
     alone = TrainConfig(
         task="squad", student_config="s", tokenizer="t", train_files=["a.json"]
     ).resolved()
-    assert (alone.alpha_kl, alone.alpha_squad) == (0.0, 1.0)
+    assert (alone.alpha_kl, alone.options.alpha_squad) == (0.0, 1.0)
     assert TrainConfig(teacher="t", train_files=["a"]).resolved().max_length == 128  # mlm
 
 
@@ -76,7 +73,7 @@ def test_squad_validation(kwargs, match):
     base = dict(task="squad", teacher="t", train_files=["a.json"])
     base.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        TrainConfig(**base).resolved()
+        TrainConfig.from_dict(base).resolved()
 
 
 def test_squad_flags(capsys):
@@ -134,16 +131,18 @@ def _seed_reference(s, t, batch, T, allowed=None):
     "impl, masked", [("fused", False), ("fused", True), ("eager", False)]
 )  # (the eager path is the seed's code: it has no masking option)
 def test_loss_is_the_seed_formula(batch, masked, impl):
-    cfg = TrainConfig(
-        task="squad",
-        teacher="t",
-        train_files=["a.json"],
-        temperature=2.0,
-        alpha_kl=0.7,
-        alpha_squad=0.3,
-        loss_impl=impl,
-        mask_question_and_padding=masked,
-        **SIZES,
+    cfg = TrainConfig.from_dict(
+        dict(
+            task="squad",
+            teacher="t",
+            train_files=["a.json"],
+            temperature=2.0,
+            alpha_kl=0.7,
+            alpha_squad=0.3,
+            loss_impl=impl,
+            mask_question_and_padding=masked,
+            **SIZES,
+        )
     ).resolved()
     s = [x.requires_grad_() for x in _logits(batch, 0)]
     t = _logits(batch, 1)
@@ -173,7 +172,9 @@ def test_loss_is_the_seed_formula(batch, masked, impl):
 
 def test_loss_weights_split_over_micro_batches(batch):
     """w scales a micro-batch's mean into its share of the step's mean (two halves = the whole)."""
-    cfg = TrainConfig(task="squad", teacher="t", train_files=["a.json"], **SIZES).resolved()
+    cfg = TrainConfig.from_dict(
+        dict(task="squad", teacher="t", train_files=["a.json"], **SIZES)
+    ).resolved()
     s, t = _logits(batch, 2), _logits(batch, 3)
 
     def out(x, rows):
@@ -221,7 +222,7 @@ def _cfg(root, out, **kw):
         **SIZES,
     )
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_dict(base)
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from _tiny import build_word_tokenizer
 
-from fastdistill.train import squad_data as sd
-from fastdistill.train.demo import build_word_tokenizer, tiny_config
-from fastdistill.train.squad_data import FeatureSettings
+from fastdistill.train import cache
+from fastdistill.train.demo import tiny_config
+from fastdistill.train.tasks.squad import features as sd
+from fastdistill.train.tasks.squad import files as sf
+from fastdistill.train.tasks.squad.features import FeatureSettings
 
 DATA = Path(__file__).parent / "data"
 DEV = DATA / "dev-v2.0.json"
@@ -26,13 +29,13 @@ SMALL = FeatureSettings(max_length=64, doc_stride=24, max_query_length=16, v2=Tr
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    texts = [t for ex in sd.read_examples([DEV]) for t in (ex.question, ex.context)]
+    texts = [t for ex in sf.read_examples([DEV]) for t in (ex.question, ex.context)]
     return build_word_tokenizer(texts, tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
 def feats(tok):
-    examples = sd.read_examples([DEV])
+    examples = sf.read_examples([DEV])
     arrays, stats = sd.convert_examples(examples, tok, SMALL)
     return sd.SquadFeatures(arrays, examples, SMALL, {"stats": stats})
 
@@ -41,8 +44,8 @@ def feats(tok):
 
 
 def test_nested_flat_and_json_lines_read_the_same_questions(tmp_path):
-    nested = sd.read_squad(DEV)
-    flat = sd.read_squad(SAMPLE)
+    nested = sf.read_squad(DEV)
+    flat = sf.read_squad(SAMPLE)
     assert nested.version == "v2.0" and len(nested.examples) == 14
     key = [(e.qid, e.question, e.context, e.is_impossible) for e in nested.examples]
     assert [(e.qid, e.question, e.context, e.is_impossible) for e in flat.examples] == key
@@ -54,11 +57,11 @@ def test_nested_flat_and_json_lines_read_the_same_questions(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     (tmp_path / "list.json").write_text(json.dumps(records))
     for path in (tmp_path / "a.jsonl", tmp_path / "list.json"):
-        assert sd.read_squad(path).examples == flat.examples
+        assert sf.read_squad(path).examples == flat.examples
     # answers as a list of objects in a flat record
     rec = dict(records[0], answers=[{"text": "France", "answer_start": 159}])
     (tmp_path / "one.json").write_text(json.dumps({"data": [rec]}))
-    assert sd.read_squad(tmp_path / "one.json").examples[0].answers == (("France", 159),)
+    assert sf.read_squad(tmp_path / "one.json").examples[0].answers == (("France", 159),)
 
 
 @pytest.mark.parametrize(
@@ -92,22 +95,22 @@ def test_malformed_files_name_the_problem(tmp_path, content, match):
     path = tmp_path / "bad.json"
     path.write_text(content)
     with pytest.raises(ValueError, match=match):
-        sd.read_squad(path)
+        sf.read_squad(path)
 
 
 def test_missing_file():
     with pytest.raises(ValueError, match="not found"):
-        sd.read_squad("/nonexistent/train.json")
+        sf.read_squad("/nonexistent/train.json")
 
 
 def test_version_resolution():
-    dev = sd.read_examples([DEV])
+    dev = sf.read_examples([DEV])
     answerable = [e for e in dev if not e.is_impossible]
-    assert sd.resolve_version("auto", [dev]) is True
-    assert sd.resolve_version("auto", [answerable]) is False
-    assert sd.resolve_version("v2", [answerable]) is True
+    assert sf.resolve_version("auto", [dev]) is True
+    assert sf.resolve_version("auto", [answerable]) is False
+    assert sf.resolve_version("v2", [answerable]) is True
     with pytest.raises(ValueError, match="hold 6 question.*without an answer.*v2 or auto"):
-        sd.resolve_version("v1", [answerable, dev])
+        sf.resolve_version("v1", [answerable, dev])
 
 
 # ---- features ----------------------------------------------------------------------------------
@@ -161,7 +164,7 @@ def test_windows_overlap_by_design_and_cover_the_context(tok, feats):
 
 
 def test_long_question_is_cut_to_max_query_length(tok):
-    ex = sd.read_examples([DEV])[0]
+    ex = sf.read_examples([DEV])[0]
     long = replace(ex, question=" ".join(["what country is normandy located in"] * 10))
     arrays, _ = sd.convert_examples([long], tok, SMALL)
     tt = arrays["token_type_ids"][: arrays["seq_offsets"][1]]
@@ -216,10 +219,10 @@ def test_cache_hit_and_every_setting_changes_the_key(tok, tmp_path, monkeypatch)
 def test_key_ignores_the_truncation_state_a_call_leaves(tmp_path):
     # transformers leaves a call's truncation/stride on the backend tokenizer (and save_pretrained
     # stores it): the key of the same tokenizer must not change with it.
-    texts = [t for ex in sd.read_examples([DEV]) for t in (ex.question, ex.context)]
+    texts = [t for ex in sf.read_examples([DEV]) for t in (ex.question, ex.context)]
     tok = build_word_tokenizer(texts, tmp_path / "tok")
     before = sd.cache_key([str(DEV)], tok, SMALL)[0]
-    sd.convert_examples(sd.read_examples([DEV]), tok, SMALL)
+    sd.convert_examples(sf.read_examples([DEV]), tok, SMALL)
     assert sd.cache_key([str(DEV)], tok, SMALL)[0] == before
     tok.save_pretrained(tmp_path / "again")
     again = transformers.AutoTokenizer.from_pretrained(tmp_path / "again")
@@ -235,7 +238,7 @@ def _cache_dir(tmp_path) -> Path:
 def test_damaged_cache_is_rebuilt_or_refused(tok, tmp_path, caplog, damage):
     good = _load(tok, tmp_path)
     path = _cache_dir(tmp_path)
-    arrays = path / sd.FEATURES_FILE
+    arrays = path / cache.ARRAYS_FILE
     blob = arrays.read_bytes()
     if damage == "truncate":
         arrays.write_bytes(blob[: len(blob) // 2])
@@ -259,11 +262,11 @@ def test_consistent_checksum_but_bad_layout_is_refused(tok, tmp_path):
     path = _cache_dir(tmp_path)
     from safetensors.numpy import load_file
 
-    arrays = load_file(str(path / sd.FEATURES_FILE))
+    arrays = load_file(str(path / cache.ARRAYS_FILE))
     arrays["start_positions"] = arrays["start_positions"] + 1000  # outside every feature
-    save_file(arrays, str(path / sd.FEATURES_FILE))
+    save_file(arrays, str(path / cache.ARRAYS_FILE))
     meta = json.loads((path / "meta.json").read_text())
-    meta["sha256"] = sd.file_sha256(path / sd.FEATURES_FILE)
+    meta["sha256"] = cache.file_sha256(path / cache.ARRAYS_FILE)
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="start_positions outside its feature"):
         _load(tok, tmp_path, build=False)
@@ -280,7 +283,7 @@ def test_missing_cache_is_refused_without_build(tok, tmp_path):
 
 def test_cache_for_other_questions_is_not_used(tok, tmp_path):
     _load(tok, tmp_path)
-    examples = sd.read_examples([DEV])[:3]
+    examples = sf.read_examples([DEV])[:3]
     with pytest.raises(ValueError, match="other questions"):
         _load(tok, tmp_path, build=False, examples=examples)
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 import transformers
 from _ddp import train_two_processes_and_one
+from _tiny import tiny_squad_inputs
 from safetensors.torch import load_file
 
 from fastdistill.train import TrainConfig
-from fastdistill.train.demo import tiny_squad_inputs
 
 DEV = Path(__file__).parent / "data" / "dev-v2.0.json"
 

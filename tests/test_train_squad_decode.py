@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _tiny import build_word_tokenizer
 
-from fastdistill.train import squad_data as sd
-from fastdistill.train.demo import build_word_tokenizer
-from fastdistill.train.squad import score_predictions
-from fastdistill.train.squad_decode import best_spans, decode_predictions
+from fastdistill.train.tasks.squad import features as sd
+from fastdistill.train.tasks.squad.decode import best_spans, decode_predictions
+from fastdistill.train.tasks.squad.evaluate import score_predictions
 
 DEV = Path(__file__).parent / "data" / "dev-v2.0.json"
 SETTINGS = sd.FeatureSettings(max_length=64, doc_stride=24, max_query_length=16, v2=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fastdistill.train.squad_metrics import (
+from fastdistill.train.tasks.squad.metrics import (
     evaluate_files,
     exact_match,
     f1_v1,

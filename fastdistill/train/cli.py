@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from fastdistill.train.config import add_config_arguments, config_from_args
+from fastdistill.train.flags import add_config_arguments, config_from_args
 
 DESCRIPTION = (
     "Distil a Hugging Face teacher into a smaller student with the DistilBERT recipe (soft-target "
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the resolved configuration as YAML and exit",
     )
-    add_config_arguments(parser.add_argument_group("configuration (one flag per config key)"))
+    add_config_arguments(parser)
     return parser
 
 
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     _setup_logging()
-    from fastdistill.train.loop import TrainingError
+    from fastdistill.train.trainer import TrainingError
 
     try:
         if not argv or args.demo:
@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.resolved().to_dict(), sort_keys=False), end="")
             return 0
-        from fastdistill.train.loop import train
+        from fastdistill.train.trainer import train
 
         summary = train(cfg)
     except ValueError as exc:

@@ -12,8 +12,8 @@ It needs nothing from the network. On the English text shipped in ``corpus/`` (s
 4. reports KL(teacher ‖ student) and top-1 agreement with the teacher on the held-out chapters
    before and after distillation, and writes checkpoints, metrics (JSONL, tensorboard) and figure.
 
-About three to four minutes on two CPU cores. The helpers that build tokenizers and tiny model configs are
-also what the tests use.
+About two minutes on two CPU cores. The tokenizer and model-config builders are also what the tests
+use (tests/_tiny.py builds the tests' tiny models and data on them).
 """
 
 from __future__ import annotations
@@ -62,53 +62,6 @@ def build_wordpiece_tokenizer(
     if out_dir is not None:
         fast.save_pretrained(out_dir)
     return fast
-
-
-def build_bpe_tokenizer(
-    files, vocab_size: int = 1000, out_dir: str | os.PathLike | None = None, *, style: str = "gpt2"
-):
-    """A byte-level BPE tokenizer: ``style="gpt2"`` (<|endoftext|> as BOS/EOS/UNK, no mask) or
-    ``"roberta"`` (<s> </s> <pad> <unk> <mask>)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if style == "gpt2":
-        specials = {
-            "bos_token": "<|endoftext|>",
-            "eos_token": "<|endoftext|>",
-            "unk_token": "<|endoftext|>",
-        }
-        names = ["<|endoftext|>"]
-    elif style == "roberta":
-        specials = {
-            "bos_token": "<s>",
-            "eos_token": "</s>",
-            "cls_token": "<s>",
-            "sep_token": "</s>",
-            "pad_token": "<pad>",
-            "unk_token": "<unk>",
-            "mask_token": "<mask>",
-        }
-        names = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    else:
-        raise ValueError(f"style must be gpt2 or roberta, got {style!r}")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=names,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train([str(f) for f in files], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
-    if out_dir is not None:
-        fast.save_pretrained(out_dir)
-    return fast
-
-
-# ---- tiny models -----------------------------------------------------------------------------------
 
 
 def tiny_config(
@@ -224,7 +177,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the embedded default; ``quick`` shrinks it to seconds (tests)."""
     from fastdistill.train.config import TrainConfig
-    from fastdistill.train.loop import train
+    from fastdistill.train.trainer import train
 
     settings = dict(DEMO)
     if quick:
@@ -254,6 +207,9 @@ def run_demo(
         log_interval=10 if not quick else 2,
         save_interval=100 if not quick else 2,
         eval_max_sequences=256 if not quick else 16,
+        # Plain BERT masking (uniform over tokens) for teacher and student: on this small corpus
+        # the rare-token smoothing of the DistilBERT scripts makes both worse.
+        mlm_smoothing=0.0,
     )
 
     if not (teacher_dir / "config.json").is_file():
@@ -266,32 +222,32 @@ def run_demo(
             settings["teacher_steps"],
         )
         train(
-            TrainConfig(
-                student_config=str(config_dir),
-                tokenizer=str(tok_dir),
-                output_dir=str(out / "teacher"),
-                overwrite_output_dir=True,
-                max_steps=settings["teacher_steps"],
-                learning_rate=settings["teacher_lr"],
-                # Plain BERT masking (uniform over tokens) for the teacher: it learns the common
-                # words first, fast; the student gets the seed's rare-token smoothing.
-                mlm_smoothing=0.0,
-                warmup_ratio=0.05,
-                **common,
+            TrainConfig.from_dict(
+                dict(
+                    student_config=str(config_dir),
+                    tokenizer=str(tok_dir),
+                    output_dir=str(out / "teacher"),
+                    overwrite_output_dir=True,
+                    max_steps=settings["teacher_steps"],
+                    learning_rate=settings["teacher_lr"],
+                    warmup_ratio=0.05,
+                    **common,
+                )
             )
         )
     else:
         log.info("step 1/2: reusing the teacher in %s", teacher_dir)
     log.info("step 2/2: distilling it into a student with every other layer")
     summary = train(
-        TrainConfig(
-            teacher=str(teacher_dir),
-            output_dir=str(out / "student"),
-            overwrite_output_dir=True,
-            max_steps=settings["student_steps"],
-            learning_rate=settings["student_lr"],
-            mlm_smoothing=0.0,
-            **common,
+        TrainConfig.from_dict(
+            dict(
+                teacher=str(teacher_dir),
+                output_dir=str(out / "student"),
+                overwrite_output_dir=True,
+                max_steps=settings["student_steps"],
+                learning_rate=settings["student_lr"],
+                **common,
+            )
         )
     )
     before, after = summary.get("eval_before", {}), summary.get("eval_after", {})
@@ -327,133 +283,3 @@ def format_demo(result: dict[str, Any]) -> str:
             lines.append(f"  {label:<38} {b[key]:>8.4f}  {a[key]:>8.4f}")
     lines += [f"  student: {result['student']}", f"  figure:  {result['figure']}"]
     return "\n".join(lines)
-
-
-def tiny_inputs(
-    out_dir: str | os.PathLike,
-    *,
-    arch: str = "bert",
-    task: str = "mlm",
-    lines: int = 600,
-    vocab_size: int = 600,
-    hidden: int = 32,
-    layers: int = 4,
-    dropout: float = 0.0,
-    seed: int = 0,
-) -> dict[str, str]:
-    """Seconds-sized inputs for tests and quick experiments: text files cut from the shipped corpus,
-    a tokenizer trained on them and a randomly initialised teacher of ``arch`` saved with
-    ``save_pretrained`` (``AutoModelForMaskedLM``/``ForCausalLM``/``AutoModel`` by ``task``).
-    Returns the paths: train, eval, tokenizer, teacher."""
-    import torch
-    import transformers
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    text = [ln for ln in CORPUS.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    (out / "train.txt").write_text("\n".join(text[:lines]) + "\n", encoding="utf-8")
-    (out / "eval.txt").write_text("\n".join(text[-lines // 4 :]) + "\n", encoding="utf-8")
-    tok_dir = out / "tokenizer"
-    if arch in ("bert", "distilbert"):
-        tokenizer = build_wordpiece_tokenizer([out / "train.txt"], vocab_size, tok_dir)
-    else:
-        tokenizer = build_bpe_tokenizer(
-            [out / "train.txt"], vocab_size, tok_dir, style="gpt2" if arch == "gpt2" else "roberta"
-        )
-    config = tiny_config(
-        arch, len(tokenizer), hidden=hidden, layers=layers, dropout=dropout, tokenizer=tokenizer
-    )
-    # A wider initialisation than the default 0.02: a random teacher with confident (peaked)
-    # predictions, so distillation has something to transfer.
-    config.initializer_range = 0.5
-    auto = {
-        "mlm": transformers.AutoModelForMaskedLM,
-        "clm": transformers.AutoModelForCausalLM,
-        "hidden": transformers.AutoModel,
-    }[task]
-    torch.manual_seed(seed)
-    teacher = auto.from_config(config)
-    teacher.save_pretrained(out / "teacher")
-    tokenizer.save_pretrained(
-        out / "teacher"
-    )  # like a hub checkpoint: the tokenizer beside the model
-    return {
-        "train": str(out / "train.txt"),
-        "eval": str(out / "eval.txt"),
-        "tokenizer": str(tok_dir),
-        "teacher": str(out / "teacher"),
-    }
-
-
-# ---- question answering -------------------------------------------------------------------------
-
-
-def build_word_tokenizer(texts, out_dir: str | os.PathLike | None = None):
-    """A lower-cased BERT WordPiece tokenizer whose vocabulary is every word and punctuation mark
-    of ``texts`` (BERT's pre-tokenisation), plus their characters alone and as ``##`` pieces so
-    unseen words still tokenise. Built without a trainer, so it is the same on every run (the
-    WordPiece trainer breaks ties differently from run to run)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import BertTokenizerFast
-
-    normalizer = normalizers.BertNormalizer(lowercase=True)
-    pre = pre_tokenizers.BertPreTokenizer()
-    words = set()
-    for text in texts:
-        words.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
-    chars = sorted({c for w in words for c in w})
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    pieces = sorted(words | set(chars) | {"##" + c for c in chars})
-    vocab = {tok: i for i, tok in enumerate(specials + pieces)}
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizer
-    tok.pre_tokenizer = pre
-    tok.decoder = decoders.WordPiece()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS]:0 $A:0 [SEP]:0",
-        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
-    fast = BertTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
-    if out_dir is not None:
-        fast.save_pretrained(out_dir)
-    return fast
-
-
-def tiny_squad_inputs(
-    out_dir: str | os.PathLike,
-    data_files,
-    *,
-    teacher: dict | None = None,
-    student: dict | None = None,
-    max_positions: int = 128,
-) -> dict[str, str]:
-    """Seconds-sized inputs for question answering tests and experiments: a tokenizer built from
-    the questions and contexts of the SQuAD ``data_files`` and the configs of a small BERT teacher
-    and a smaller BERT student (``tiny_config`` keyword arguments). Returns the paths: tokenizer,
-    teacher_config, student_config."""
-    from fastdistill.train.squad_data import read_examples
-
-    out = Path(out_dir)
-    texts = []
-    for ex in read_examples([str(f) for f in data_files]):
-        texts += [ex.question, ex.context]
-    tok_dir = out / "tokenizer"
-    tokenizer = build_word_tokenizer(texts, tok_dir)
-    paths = {"tokenizer": str(tok_dir)}
-    for name, kw in (
-        ("teacher", {"hidden": 64, "layers": 2, "heads": 4, **(teacher or {})}),
-        ("student", {"hidden": 32, "layers": 1, "heads": 2, **(student or {})}),
-    ):
-        kw.setdefault("max_positions", max_positions)
-        config = tiny_config("bert", len(tokenizer), tokenizer=tokenizer, **kw)
-        config.save_pretrained(out / f"{name}-config")
-        paths[f"{name}_config"] = str(out / f"{name}-config")
-    return paths

@@ -10,6 +10,7 @@ prefixes covers them.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -94,3 +95,11 @@ def copy_check(student: nn.Module, teacher: nn.Module, layers: list[int]) -> boo
         if not torch.equal(value, t[source]):
             return False
     return True
+
+
+def model_dir(path: str) -> str:
+    """``path``, or its ``model/`` subdirectory when ``path`` is a checkpoint directory."""
+    p = Path(path)
+    if not (p / "config.json").is_file() and (p / "model" / "config.json").is_file():
+        return str(p / "model")
+    return path

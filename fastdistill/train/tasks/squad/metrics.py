@@ -33,7 +33,7 @@ after every question).
 
 Gold answers are a mapping ``question id → [answer text, ...]`` in dataset order
 (:func:`gold_answers` reads them from a SQuAD JSON file in any format
-:mod:`fastdistill.train.squad_data` reads); predictions a mapping ``question id → text``.
+:mod:`fastdistill.train.tasks.squad.files` reads); predictions a mapping ``question id → text``.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def _check_predictions(predictions: Mapping[str, str]) -> None:
 
 def gold_answers(path) -> dict[str, list[str]]:
     """``question id → gold answer texts`` of a SQuAD file (nested, flat or JSON lines)."""
-    from fastdistill.train.squad_data import read_squad
+    from fastdistill.train.tasks.squad.files import read_squad
 
     return {ex.qid: [text for text, _ in ex.answers] for ex in read_squad(path).examples}
 

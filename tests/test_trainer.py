@@ -8,12 +8,14 @@ import math
 import pytest
 import torch
 import transformers
+from _tiny import tiny_inputs
 from safetensors.torch import load_file
 
 from fastdistill.__main__ import main as fastdistill_main
-from fastdistill.train import TrainConfig, TrainingError, loop, train
+from fastdistill.train import TrainConfig, TrainingError, train
 from fastdistill.train.cli import main as train_main
-from fastdistill.train.demo import tiny_config, tiny_inputs
+from fastdistill.train.demo import tiny_config
+from fastdistill.train.tasks.mlm import MLMTask
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +57,7 @@ def _cfg(paths, out, **kw):
         tensorboard=False,
     )
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_dict(base)
 
 
 def _weights(run_dir):
@@ -135,16 +137,16 @@ def test_resume_continues_exactly(bert, tmp_path):
 
 def _nan_from(monkeypatch, bad_steps):
     calls = {"n": 0}
-    real = loop.compute_loss
+    real = MLMTask.loss
 
-    def compute_loss(cfg, s_out, t_out, batch, w):
-        total, terms = real(cfg, s_out, t_out, batch, w)
+    def loss(self, s_out, t_out, batch, w):
+        total, terms = real(self, s_out, t_out, batch, w)
         calls["n"] += 1  # one call per micro-batch; accumulation 1 here, so one per step
         if bad_steps(calls["n"]):
             total = total * float("nan")
         return total, terms
 
-    monkeypatch.setattr(loop, "compute_loss", compute_loss)
+    monkeypatch.setattr(MLMTask, "loss", loss)
 
 
 def test_one_nan_step_is_skipped(bert, tmp_path, monkeypatch):
@@ -156,13 +158,13 @@ def test_one_nan_step_is_skipped(bert, tmp_path, monkeypatch):
             snapshots[step] = {k: v.clone() for k, v in model_ref["m"].state_dict().items()}
 
     model_ref = {}
-    real_init = loop.init_student_from_teacher
+    real_build = MLMTask.build_student
 
-    def init(teacher, layers):
-        model_ref["m"] = real_init(teacher, layers)
+    def build(self, teacher, resume_dir=None):
+        model_ref["m"] = real_build(self, teacher, resume_dir)
         return model_ref["m"]
 
-    monkeypatch.setattr(loop, "init_student_from_teacher", init)
+    monkeypatch.setattr(MLMTask, "build_student", build)
     summary = train(_cfg(bert, tmp_path / "run"), on_step_end=snap)
     assert summary["skipped_steps"] == 1
     for k, v in snapshots[2].items():  # the skipped step changed nothing

@@ -1,17 +1,12 @@
 """SQuAD data: JSON files → examples → tokenised windows ("features"), cached safely → batches.
 
-Files. Three layouts are read, whatever the version: the official nested one
-(``{"version", "data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``), the flat one
-(one record per question: ``{"id", "question", "context", "answers"}``, under ``"data"`` or as a
-top-level list) and JSON lines of flat records. Answers are a list of ``{"text", "answer_start"}``
-or the ``{"text": [...], "answer_start": [...]}`` columns of Hugging Face datasets. A question is
-unanswerable (SQuAD v2.0) when ``is_impossible`` is true or it has no answer.
+The files are read by :mod:`fastdistill.train.tasks.squad.files`.
 
 Features. Each question is paired with its context as ``[CLS] question [SEP] context [SEP]`` (the
 tokenizer's own special-token layout) by a fast tokenizer, which also gives each token's character
 span (offsets) in the context. The question is cut to ``max_query_length`` tokens. A context too
 long for one sequence of ``max_length`` tokens is cut into overlapping windows whose starts are
-``doc_stride`` context tokens apart (the meaning of the seed and of the original BERT code; the
+``doc_stride`` context tokens apart (the meaning of the DistilBERT SQuAD script and of the original BERT code; the
 newer Hugging Face ``run_qa.py`` passes ``doc_stride`` as the overlap instead). Training targets
 are the first gold answer's first and last token; when the answer is not wholly inside a window,
 or the question is unanswerable, both point at the ``[CLS]`` token (the "no answer" position).
@@ -19,15 +14,13 @@ Every token also records whether this window gives it its *maximal context* (the
 has the most tokens on its shorter side, as in the original BERT code): an answer may start only
 at such a token, so overlapping windows do not propose the same span twice.
 
-Cache. ``CACHE_DIR/squad-<key>/features.safetensors`` (plain arrays, no pickle) and ``meta.json``,
+Cache. The shared token cache (:mod:`fastdistill.train.cache`) under ``CACHE_DIR/squad-<key>/``,
 where the key hashes every setting that changes the features (the tokenizer's full serialised
 form, max_length, doc_stride, max_query_length, the version flag, each file's SHA-256, the cache
-format). ``meta.json`` holds the SHA-256 of the arrays file, so a truncated or corrupted cache is
-detected before anything is read from it; then it is rebuilt (or, for a process told not to
-build, refused with a message). The cache is written to a temporary directory and renamed into
-place, so a reader never sees half of one.
+format). Beyond the cache's checksum, the arrays' layout is checked before use, and the entry must
+have been made for the same questions.
 
-Batches are padded to ``max_length`` (the seed's fixed width): the start/end softmax of a feature
+Batches are padded to ``max_length`` (the DistilBERT SQuAD script's fixed width): the start/end softmax of a feature
 then spans the same positions whatever batch it is in, so the loss does not depend on how the
 global batch is split over processes and micro-batches.
 """
@@ -36,25 +29,20 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from fastdistill.train.data import default_cache_dir, file_sha256, tokenizer_fingerprint
+from fastdistill.train import cache
+from fastdistill.train.tasks.squad.files import SquadExample, read_examples
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
-FEATURES_FILE = "features.safetensors"
+CACHE_FORMAT = 2  # 2: the shared token cache (1 wrote features.safetensors itself)
 # name → dtype of every array in the cache (token arrays are flat, rows cut by `seq_offsets`).
 ARRAYS = {
     "input_ids": np.int32,
@@ -69,172 +57,6 @@ ARRAYS = {
 }
 _FEATURE_ARRAYS = ("example_index", "start_positions", "end_positions", "cls_index")
 _TOKEN_ARRAYS = ("input_ids", "token_type_ids", "offsets", "max_context")
-
-
-# ---- examples ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SquadExample:
-    qid: str
-    question: str
-    context: str
-    answers: tuple[tuple[str, int], ...]  # gold (text, answer_start); empty when unanswerable
-    is_impossible: bool
-    title: str = ""
-
-
-@dataclass
-class SquadFile:
-    path: str
-    version: str | None  # the file's "version" field, if any
-    examples: list[SquadExample]
-
-
-def read_squad(path: str | os.PathLike) -> SquadFile:
-    """All questions of a SQuAD file, in file order (see the module doc for the layouts).
-
-    ``ValueError`` naming the file and the record for anything malformed, and for repeated ids."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"SQuAD file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        data = _json_lines(text, path, exc)
-    version = None
-    if isinstance(data, dict):
-        if "data" not in data:
-            raise ValueError(
-                f"{path}: a SQuAD file holds a 'data' list (top-level keys: {list(data)})"
-            )
-        version = data.get("version")
-        version = None if version is None else str(version)
-        data = data["data"]
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: 'data' must be a list, got {type(data).__name__}")
-    examples: list[SquadExample] = []
-    for i, item in enumerate(data):
-        where = f"{path}: data[{i}]"
-        if not isinstance(item, dict):
-            raise ValueError(f"{where} must be an object, got {type(item).__name__}")
-        if "paragraphs" in item:  # nested: article → paragraphs → qas
-            title = str(item.get("title", ""))
-            for j, para in enumerate(_list(item, "paragraphs", where)):
-                pwhere = f"{where}.paragraphs[{j}]"
-                context = _str(para, "context", pwhere)
-                for k, qa in enumerate(_list(para, "qas", pwhere)):
-                    examples.append(_example(qa, context, title, f"{pwhere}.qas[{k}]"))
-        else:
-            examples.append(
-                _example(item, _str(item, "context", where), str(item.get("title", "")), where)
-            )
-    if not examples:
-        raise ValueError(f"{path}: no questions found")
-    seen: set[str] = set()
-    for ex in examples:
-        if ex.qid in seen:
-            raise ValueError(f"{path}: question id {ex.qid!r} appears more than once")
-        seen.add(ex.qid)
-    return SquadFile(path=path, version=version, examples=examples)
-
-
-def _json_lines(text: str, path: str, first_error: Exception) -> list:
-    records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise ValueError(
-                f"{path}: not JSON ({first_error}) and not JSON lines (line {n} does not parse)"
-            ) from None
-    return records
-
-
-def _list(obj: dict, key: str, where: str) -> list:
-    if not isinstance(obj, dict) or not isinstance(obj.get(key), list):
-        raise ValueError(f"{where}: expected a list under {key!r}")
-    return obj[key]
-
-
-def _str(obj: dict, key: str, where: str) -> str:
-    if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
-        raise ValueError(f"{where}: expected a string under {key!r}")
-    return obj[key]
-
-
-def _example(qa: Any, context: str, title: str, where: str) -> SquadExample:
-    if not isinstance(qa, dict):
-        raise ValueError(f"{where} must be an object, got {type(qa).__name__}")
-    if "id" not in qa or not isinstance(qa["id"], (str, int)):
-        raise ValueError(f"{where}: expected a question id under 'id'")
-    qid = str(qa["id"])
-    question = _str(qa, "question", where)
-    raw = qa.get("answers", [])
-    if isinstance(raw, dict):  # columns, as in Hugging Face datasets
-        texts, starts = raw.get("text", []), raw.get("answer_start", [])
-        if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
-            raise ValueError(
-                f"{where}: 'answers' columns 'text' and 'answer_start' must be lists of one length"
-            )
-        pairs = list(zip(texts, starts, strict=True))
-    elif isinstance(raw, list):
-        pairs = []
-        for a in raw:
-            if not isinstance(a, dict):
-                raise ValueError(
-                    f"{where}: each answer must be an object with 'text' and 'answer_start'"
-                )
-            pairs.append((a.get("text"), a.get("answer_start")))
-    else:
-        raise ValueError(f"{where}: 'answers' must be a list or an object of columns")
-    answers = []
-    for text, start in pairs:
-        if not isinstance(text, str) or not isinstance(start, int) or isinstance(start, bool):
-            raise ValueError(
-                f"{where} (question {qid!r}): an answer needs a string 'text' and an integer "
-                f"'answer_start', got {text!r} at {start!r}"
-            )
-        if not 0 <= start <= len(context) - len(text):
-            raise ValueError(
-                f"{where} (question {qid!r}): answer {text!r} at {start} lies outside its context "
-                f"({len(context)} characters)"
-            )
-        answers.append((text, start))
-    impossible = bool(qa.get("is_impossible", False)) or not answers
-    return SquadExample(qid, question, context, tuple(answers), impossible, title)
-
-
-def read_examples(files: Sequence[str | os.PathLike]) -> list[SquadExample]:
-    examples: list[SquadExample] = []
-    seen: dict[str, str] = {}
-    for f in files:
-        for ex in read_squad(f).examples:
-            if ex.qid in seen:
-                raise ValueError(f"question id {ex.qid!r} is in both {seen[ex.qid]} and {f}")
-            seen[ex.qid] = os.fspath(f)
-            examples.append(ex)
-    return examples
-
-
-def resolve_version(version: str, example_sets: Sequence[Sequence[SquadExample]]) -> bool:
-    """True for SQuAD v2.0 (unanswerable questions allowed). ``auto``: v2 when any question of
-    any given file is unanswerable. ``v1`` with unanswerable questions is a ``ValueError``."""
-    n_impossible = sum(ex.is_impossible for examples in example_sets for ex in examples)
-    if version == "auto":
-        return n_impossible > 0
-    if version == "v1" and n_impossible:
-        raise ValueError(
-            f"squad_version is v1 but the train/eval files hold {n_impossible} question(s) without "
-            "an answer (SQuAD v2.0 data): use squad_version v2 or auto"
-        )
-    if version not in ("v1", "v2"):
-        raise ValueError(f"squad_version must be auto, v1 or v2, got {version!r}")
-    return version == "v2"
 
 
 # ---- features ------------------------------------------------------------------------------------
@@ -485,16 +307,15 @@ def cache_key(files: Sequence[str], tokenizer, settings: FeatureSettings) -> tup
     recipe = {
         "format": CACHE_FORMAT,
         "task": "squad",
-        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "tokenizer": cache.tokenizer_fingerprint(tokenizer),
         "vocab_size": len(tokenizer),
         "max_length": settings.max_length,
         "doc_stride": settings.doc_stride,
         "max_query_length": settings.max_query_length,
         "v2": settings.v2,
-        "files": [file_sha256(f) for f in files],
+        "files": [cache.file_sha256(f) for f in files],
     }
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:24]
-    return key, recipe
+    return cache.recipe_key(recipe), recipe
 
 
 def _ids_digest(examples: Sequence[SquadExample]) -> str:
@@ -514,77 +335,46 @@ def load_features(
     damaged. ``build=False`` (non-zero ranks, after rank 0 built it) raises ``ValueError`` instead
     of building. ``examples`` (already read from ``files``) saves reading them again."""
     files = [os.fspath(f) for f in files]
+    cache.check_files(files)
     if examples is None:
         examples = read_examples(files)
     key, recipe = cache_key(files, tokenizer, settings)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = root / f"squad-{key}"
-    if path.exists():
-        try:
-            return _load(path, key, examples, settings)
-        except Exception as exc:  # any damage: bad JSON, truncated/corrupted arrays, bad layout
-            if not build:
-                raise ValueError(f"SQuAD feature cache {path} is unusable ({exc})") from exc
-            log.warning("SQuAD feature cache %s is unusable (%s); rebuilding it", path, exc)
-    elif not build:
-        raise ValueError(f"SQuAD feature cache {path} is missing")
-    arrays, stats = convert_examples(examples, tokenizer, settings)
-    if stats["mismatch"]:
-        log.warning(
-            "%d answer(s) differ from their context at answer_start; the span at answer_start "
-            "is used",
-            stats["mismatch"],
-        )
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-squad-{key}-", dir=root))
-    try:
-        from safetensors.numpy import save_file
 
-        save_file(arrays, str(tmp / FEATURES_FILE))
+    def build_arrays():
+        arrays, stats = convert_examples(examples, tokenizer, settings)
+        if stats["mismatch"]:
+            log.warning(
+                "%d answer(s) differ from their context at answer_start; the span at "
+                "answer_start is used",
+                stats["mismatch"],
+            )
+        log.info(
+            "SQuAD: %d questions → %d features (%d windows without their answer → CLS)",
+            stats["examples"],
+            stats["features"],
+            stats["windows_without_answer"],
+        )
         meta = {
-            "key": key,
-            "format": CACHE_FORMAT,
-            "recipe": recipe,
             "stats": stats,
             "num_examples": len(examples),
             "question_ids_sha256": _ids_digest(examples),
-            "sha256": file_sha256(tmp / FEATURES_FILE),
             "files": [os.path.abspath(f) for f in files],
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if path.exists():
-            shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    log.info(
-        "SQuAD: %d questions → %d features (%d windows without their answer → CLS): %s",
-        stats["examples"],
-        stats["features"],
-        stats["windows_without_answer"],
-        path,
+        return arrays, meta
+
+    def check(entry: cache.CacheEntry) -> None:
+        meta = entry.meta
+        if meta.get("num_examples") != len(examples) or meta.get(
+            "question_ids_sha256"
+        ) != _ids_digest(examples):
+            raise ValueError("the cached features were made for other questions")
+        _check_arrays(entry.arrays, len(examples))
+
+    path = cache.entry_path(cache_dir, "squad-", key)
+    entry = cache.load_or_build(
+        path, key, recipe, build_arrays, check=check, build=build, what="SQuAD feature cache"
     )
-    return _load(path, key, examples, settings)
-
-
-def _load(
-    path: Path, key: str, examples: list[SquadExample], settings: FeatureSettings
-) -> SquadFeatures:
-    from safetensors.numpy import load_file
-
-    meta = json.loads((path / "meta.json").read_text())
-    if meta.get("key") != key or meta.get("format") != CACHE_FORMAT:
-        raise ValueError("cache key or format mismatch")
-    if file_sha256(path / FEATURES_FILE) != meta["sha256"]:
-        raise ValueError(f"{FEATURES_FILE}: checksum mismatch (truncated or corrupted)")
-    if meta["num_examples"] != len(examples) or meta["question_ids_sha256"] != _ids_digest(
-        examples
-    ):
-        raise ValueError("the cached features were made for other questions")
-    arrays = load_file(str(path / FEATURES_FILE))
-    _check_arrays(arrays, len(examples))
-    return SquadFeatures(arrays=arrays, examples=examples, settings=settings, meta=meta)
+    return SquadFeatures(arrays=entry.arrays, examples=examples, settings=settings, meta=entry.meta)
 
 
 def _check_arrays(arrays: dict[str, np.ndarray], n_examples: int) -> None:

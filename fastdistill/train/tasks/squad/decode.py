@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastdistill.train.squad_data import SquadFeatures
+from fastdistill.train.tasks.squad.features import SquadFeatures
 
 # null_odds of a question without any valid span: certainly "no answer". Finite, so the JSON
 # files stay standard JSON.

@@ -1,0 +1,56 @@
+"""``clm``: a causal-LM teacher (GPT-2 family): KL(teacher ‖ student) at T (× T²) on every
+attended token, the hard next-token loss, the hidden-state cosine, optionally the logit MSE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastdistill.train import fields
+from fastdistill.train.fields import option
+from fastdistill.train.tasks.text import (
+    TextOptions,
+    TextTask,
+    check_hidden_sizes,
+    check_same_vocab,
+)
+
+
+@dataclass
+class CLMOptions(TextOptions):
+    alpha_clm: float | None = option(None, "weight of the hard next-token loss (default 2.0)")
+
+    def validate(self, cfg) -> None:
+        super().validate(cfg)
+        fields.nonneg("alpha_clm", self.alpha_clm)
+
+
+class CLMTask(TextTask):
+    name = "clm"
+    help = "causal-LM teacher (GPT-2)"
+    Options = CLMOptions
+    boundary = ("bos_token", "eos_token")
+    targets = "next_token"
+
+    @classmethod
+    def fill_defaults(cls, cfg) -> None:
+        super().fill_defaults(cfg)
+        if cfg.options.alpha_clm is None:
+            cfg.options.alpha_clm = 2.0
+
+    @classmethod
+    def has_training_signal(cls, cfg) -> bool:
+        return super().has_training_signal(cfg) or cfg.options.alpha_clm > 0
+
+    @property
+    def alpha_ce(self) -> float:
+        return self.opts.alpha_clm
+
+    def auto_class(self):
+        import transformers
+
+        return transformers.AutoModelForCausalLM
+
+    def check_models(self, tokenizer, student, teacher) -> None:
+        super().check_models(tokenizer, student, teacher)
+        check_same_vocab(student, teacher)
+        check_hidden_sizes(self.cfg, student, teacher)

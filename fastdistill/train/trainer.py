@@ -1,0 +1,479 @@
+"""The distillation trainer. ``train(config)`` runs one distillation from start (or a checkpoint) to
+the end. What is distilled (models, data, loss, evaluation) is the task's
+(:mod:`fastdistill.train.tasks`); the trainer owns the rest, in named phases that read top to
+bottom: run directory and resume → models → data → schedule and optimizer → restore → the loop
+(one optimizer step, then the log interval's logging, evaluation and checkpoint) → the end.
+
+Loss normalisation. Every loss term is a mean over its tokens taken over the whole optimizer step:
+all micro-batches of the accumulation and all processes. The token counts come from the task on the
+host (:meth:`~fastdistill.train.tasks.base.Task.token_counts`), so each micro-batch's term is
+weighted by ``local count / step count`` with no device sync, and the update is the same whichever
+way a global batch is split over processes and micro-batches.
+
+NaN/Inf. After the backward, ``all_finite(loss, grad_norm)`` gives a 0-dim bool on the device; the
+fused AdamW takes it as ``found_inf`` and leaves parameters *and* its moments and step count
+untouched when it is set (with fp16 the GradScaler does the same on its own overflow check). Skips
+are counted on the device (:mod:`fastdistill.train.interval`); the counters are read at the log
+interval, the only host sync, and a run with ``max_consecutive_skips`` skips in a row stops there
+with :class:`TrainingError` (its last checkpoint is the last good state: a skipped step changes
+nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastdistill import losses as FL
+from fastdistill.train import checkpoint as ckpt
+from fastdistill.train.batching import BatchPlan
+from fastdistill.train.config import TrainConfig
+from fastdistill.train.interval import IntervalStats, finite_or_none
+from fastdistill.train.metrics import MetricsLogger, plot_metrics
+from fastdistill.train.runtime import (
+    Processes,
+    lr_lambda,
+    process_group,
+    select_device,
+    step_seed,
+)
+from fastdistill.train.student import count_parameters, model_dir
+from fastdistill.train.tasks import LOSS_TERMS
+
+log = logging.getLogger("fastdistill.train")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. too many consecutive non-finite steps)."""
+
+
+def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Run the distillation described by ``cfg``; returns a summary (also RUN/summary.json).
+
+    ``on_step_end(step)`` is called after every optimizer step (tests use it to interrupt a run).
+    Raises ``ValueError`` for a bad configuration and :class:`TrainingError` when the run cannot go
+    on."""
+    import transformers
+
+    cfg = cfg.resolved()
+    transformers.utils.logging.disable_progress_bar()  # no per-save "Writing model shards" bars
+    procs = Processes.from_env()
+    with process_group(procs, cfg.device):
+        trainer = Trainer(cfg, procs, on_step_end)
+        return trainer.evaluate_only() if cfg.do_eval else trainer.fit()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, procs: Processes, on_step_end=None):
+        self.cfg, self.procs, self.on_step_end = cfg, procs, on_step_end
+        self.device = select_device(cfg.device, procs.local_rank)
+        self.run_dir = Path(cfg.output_dir)
+        self.task = cfg.task_class()(cfg, self.device)
+        torch.manual_seed(cfg.seed)
+        self._setup_run_dir()
+        self._setup_models()
+        self._setup_data()
+
+    # ---- phases ------------------------------------------------------------------------------------
+
+    def _setup_run_dir(self) -> None:
+        """Resume from the latest checkpoint, or start afresh (refusing to mix two runs)."""
+        cfg, run_dir = self.cfg, self.run_dir
+        self.resume_from = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
+        if cfg.resume and self.resume_from is None:
+            raise ValueError(f"--resume: {run_dir} holds no checkpoint to resume from")
+        fresh = not cfg.resume and not cfg.do_eval
+        if fresh and not cfg.overwrite_output_dir and ckpt.latest_checkpoint(run_dir) is not None:
+            raise ValueError(
+                f"{run_dir} already holds checkpoints: pass --resume to continue that run or "
+                "--overwrite-output-dir to start a new one there"
+            )
+        if fresh and self.procs.is_main and ckpt.checkpoint_root(run_dir).exists():
+            # --overwrite-output-dir: a new run must not mix its checkpoints with the old run's.
+            shutil.rmtree(ckpt.checkpoint_root(run_dir))
+        self.procs.barrier()
+        self.state = ckpt.load_trainer_state(self.resume_from) if self.resume_from else {}
+
+    def _setup_models(self) -> None:
+        cfg, task = self.cfg, self.task
+        student_dir = model_dir(cfg.student_pretrained) if cfg.student_pretrained else None
+        self.tokenizer = task.load_tokenizer(cfg.tokenizer or cfg.teacher or student_dir)
+        self.teacher = task.load_teacher(cfg.teacher) if cfg.teacher is not None else None
+        self.student = task.build_student(self.teacher, self.resume_from)
+        task.check_models(self.tokenizer, self.student, self.teacher)
+
+    def _setup_data(self) -> None:
+        """Rank 0 tokenises and caches; the other ranks then read the cache."""
+        cfg = self.cfg
+        files = (
+            {"eval": cfg.eval_files}
+            if cfg.do_eval
+            else {
+                "train": cfg.train_files,
+                "eval": cfg.eval_files,
+            }
+        )
+        data = self.task.load_data(self.tokenizer, files, build=True) if self.procs.is_main else {}
+        self.procs.barrier()
+        if not self.procs.is_main:
+            data = self.task.load_data(self.tokenizer, files, build=False)
+        self.train_data, self.eval_data = data.get("train"), data.get("eval")
+
+    def _setup_schedule(self) -> None:
+        cfg = self.cfg
+        self.plan = BatchPlan(
+            self.train_data.lengths,
+            batch_size=cfg.batch_size,
+            world_size=self.procs.world,
+            accum=cfg.gradient_accumulation_steps,
+            seed=cfg.seed,
+        )
+        self.counts = self.task.token_counts(self.train_data)
+        self.total_steps = cfg.max_steps or cfg.num_epochs * self.plan.steps_per_epoch
+        self.warmup = (
+            cfg.warmup_steps
+            if cfg.warmup_steps is not None
+            else math.ceil(cfg.warmup_ratio * self.total_steps)
+        )
+
+    def _setup_optimizer(self) -> None:
+        cfg = self.cfg
+        trainable = [p for p in self.student.parameters() if p.requires_grad]
+        decay = [p for p in trainable if p.ndim >= 2]
+        no_decay = [p for p in trainable if p.ndim < 2]  # biases, norms
+        # fused=True: one kernel per step, and it honours `found_inf` on the device (the NaN skip).
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+            fused=True,
+        )
+        self.params = trainable
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.total_steps, self.warmup)
+        )
+        amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=amp) if amp else contextlib.nullcontext()
+        )
+        self.scaler = (
+            torch.amp.GradScaler(self.device.type) if cfg.mixed_precision == "fp16" else None
+        )
+
+    def _restore(self) -> None:
+        """The optimizer, schedule and data position of the checkpoint being resumed."""
+        self.step, self.epoch, self.step_in_epoch, self.skipped_total = 0, 0, 0, 0
+        if self.resume_from is None:
+            return
+        state = self.state
+        if state.get("total_steps") != self.total_steps:
+            raise ValueError(
+                f"the checkpoint was made for {state.get('total_steps')} steps, this "
+                f"config gives {self.total_steps}: resume with the same data and step settings"
+            )
+        ckpt.load_optimizer(self.optimizer, self.resume_from, state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.step_in_epoch = state["step_in_epoch"]
+        self.skipped_total = state.get("skipped_total", 0)
+
+    def _setup_logging(self) -> None:
+        cfg, is_main = self.cfg, self.procs.is_main
+        self.model = self.student
+        if self.procs.world > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.student, device_ids=device_ids)
+        self.metrics = (
+            MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, resume_step=self.step)
+            if is_main
+            else None
+        )
+        self.stats = IntervalStats(self.device)
+        self.pbar = None
+        if is_main and cfg.progress_bar:
+            from tqdm.auto import tqdm
+
+            self.pbar = tqdm(
+                total=self.total_steps,
+                initial=self.step,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+        if is_main:
+            (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+            log.info(
+                "student %s: %.2fM parameters; teacher %s; %d examples, %d steps/epoch, %d steps",
+                type(self.student).__name__,
+                count_parameters(self.student) / 1e6,
+                "none" if self.teacher is None else f"{count_parameters(self.teacher) / 1e6:.2f}M",
+                len(self.train_data),
+                self.plan.steps_per_epoch,
+                self.total_steps,
+            )
+
+    # ---- the run -----------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        self._setup_schedule()
+        self._setup_optimizer()
+        self._restore()
+        self._setup_logging()
+        self.summary: dict[str, Any] = {"eval_before": self._eval_before()}
+        self.save_due = False
+        self.plan.set_epoch(self.epoch)
+        self.epoch_steps = self.plan.steps(self.epoch)
+        try:
+            while self.step < self.total_steps:
+                self._optimizer_step(self._next_micro_batches())
+                if self.step % self.cfg.log_interval == 0 or self.step == self.total_steps:
+                    self._end_of_interval()
+                if self.on_step_end is not None:
+                    self.on_step_end(self.step)
+        finally:
+            if self.pbar is not None:
+                self.pbar.close()
+            if self.metrics is not None:
+                self.metrics.close()
+        return self._finish()
+
+    def _next_micro_batches(self) -> list[np.ndarray]:
+        if self.step_in_epoch >= len(self.epoch_steps):
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            self.plan.set_epoch(self.epoch)
+            self.epoch_steps = self.plan.steps(self.epoch)
+        return self.epoch_steps[self.step_in_epoch]
+
+    def _optimizer_step(self, micro_batches: list[np.ndarray]) -> None:
+        """One optimizer step over ``micro_batches`` (global index arrays), NaN skip on the device."""
+        procs = self.procs
+        torch.manual_seed(step_seed(self.cfg.seed, self.step, procs.rank))
+        step_idx = np.concatenate(micro_batches)
+        denom = {g: max(int(c[step_idx].sum()), 1) for g, c in self.counts.items()}
+        step_loss = torch.zeros((), device=self.device)
+        step_terms = torch.zeros(len(LOSS_TERMS), device=self.device)
+        for i, micro in enumerate(micro_batches):
+            idx = self.plan.local(micro, procs.rank)
+            batch = self.task.collate(self.train_data, idx, stream=self.epoch + 1).to(self.device)
+            self.stats.tokens += batch.num_tokens * procs.world
+            w = {g: float(c[idx].sum() / denom[g]) for g, c in self.counts.items()}
+            w["world"] = procs.world
+            last = i == len(micro_batches) - 1
+            no_sync = procs.world > 1 and not last
+            with self.model.no_sync() if no_sync else contextlib.nullcontext():
+                loss, terms = self._forward(batch, w)
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            step_loss += loss.detach().float() / procs.world
+            step_terms += terms
+        ok, grad_norm = self._apply_gradients(step_loss)
+        self.stats.add_step(ok, step_loss, step_terms, grad_norm)
+        self.step += 1
+        self.step_in_epoch += 1
+        if self.pbar is not None:
+            self.pbar.update(1)
+
+    def _forward(self, batch, w) -> tuple[torch.Tensor, torch.Tensor]:
+        states = self.task.wants_hidden_states(self.teacher) or None
+        with self.autocast:
+            t_out = None
+            if self.teacher is not None:
+                with torch.inference_mode():
+                    t_out = self.teacher(
+                        **batch.model_inputs(self.teacher), output_hidden_states=states
+                    )
+            s_out = self.model(**batch.model_inputs(self.student), output_hidden_states=states)
+            return self.task.loss(s_out, t_out, batch, w)
+
+    def _apply_gradients(self, step_loss) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip, check, step (or skip, on the device), schedule; returns (all finite, grad norm)."""
+        optimizer, scaler = self.optimizer, self.scaler
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if self.cfg.max_grad_norm > 0:
+            grad_norm = nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        else:
+            grad_norm = nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        ok = FL.all_finite(step_loss, grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)  # skips on its own inf check (the same grads)
+            scaler.update()
+        else:
+            optimizer.found_inf = (~ok).float()  # fused AdamW: no update, no state change
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+        self.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return ok, grad_norm
+
+    def _end_of_interval(self) -> None:
+        """The one host sync per log interval: log, stop a run going bad, evaluate, checkpoint."""
+        cfg, step = self.cfg, self.step
+        values = self.stats.read(self.procs.world)
+        self.skipped_total += values["n_skipped"]
+        self._log_interval(values)
+        if values["max_consecutive"] >= cfg.max_consecutive_skips:
+            raise self._too_many_skips(values["max_consecutive"])
+        if cfg.eval_interval and step % cfg.eval_interval == 0 and step < self.total_steps:
+            metrics = self._evaluate(step, score_teacher=False)
+            if self.metrics is not None and metrics:
+                self.metrics.log({"kind": "eval", "step": step, **metrics})
+            self.stats.restart_clock()  # tokens/s: training time only
+        if step % cfg.save_interval == 0:
+            self.save_due = True
+        # A checkpoint is written only after a finite step (else at the next log interval that
+        # ends on one), so the latest checkpoint is never one of a run going bad.
+        if self.save_due and values["consecutive_now"] == 0 and step < self.total_steps:
+            self._save()
+            self.save_due = False
+
+    def _log_interval(self, values: dict[str, Any]) -> None:
+        if not self.procs.is_main:
+            return
+        record = {"kind": "train", "step": self.step, "epoch": self.epoch}
+        record.update({k: values[k] for k in ("loss", *LOSS_TERMS)})
+        record.update(
+            lr=self.scheduler.get_last_lr()[0],
+            grad_norm=values["grad_norm"],
+            tokens_per_s=values["tokens_per_s"],
+            skipped_steps=values["n_skipped"],
+            skipped_total=self.skipped_total,
+            time=time.time(),
+        )
+        record = finite_or_none(record)
+        self.metrics.log(record)
+        if self.pbar is not None:
+            self.pbar.set_postfix(
+                loss=f"{record['loss'] or math.nan:.4g}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+                skipped=self.skipped_total,
+                refresh=False,
+            )
+        else:
+            log.info("step %d/%d %s", self.step, self.total_steps, _fmt(record))
+
+    def _too_many_skips(self, consecutive: int) -> TrainingError:
+        last = ckpt.latest_checkpoint(self.run_dir)
+        where = f"Last good checkpoint: {last}" if last else "No checkpoint was written yet."
+        return TrainingError(
+            f"{consecutive} consecutive optimizer steps had a non-finite loss or gradient "
+            f"(limit --max-consecutive-skips {self.cfg.max_consecutive_skips}); stopped at step "
+            f"{self.step}. {where} Lower the learning rate, check the data and the teacher, or "
+            "use bf16 instead of fp16."
+        )
+
+    # ---- checkpoints and evaluation ----------------------------------------------------------------
+
+    def _save(self) -> None:
+        if not self.procs.is_main:
+            return
+        ckpt.save_checkpoint(
+            self.run_dir,
+            self.step,
+            model=self.student,
+            tokenizer=self.tokenizer,
+            optimizer=self.optimizer,
+            keep=self.cfg.keep_checkpoints,
+            trainer_state={
+                "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch,
+                "total_steps": self.total_steps,
+                "skipped_total": self.skipped_total,
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "eval_before": self.summary["eval_before"],
+                "config": self.cfg.to_dict(),
+            },
+        )
+
+    def _evaluate(self, step: int, *, score_teacher: bool) -> dict[str, Any]:
+        """Held-out metrics of the student now; files go to RUN/eval/step-N (RUN/eval/teacher)."""
+        main = self.procs.is_main
+        eval_dir = self.run_dir / "eval"
+        return self.task.evaluate(
+            self.student,
+            self.teacher,
+            self.eval_data,
+            score_teacher=score_teacher,
+            out_dir=eval_dir / f"step-{step:08d}" if main else None,
+            teacher_dir=eval_dir / "teacher" if main else None,
+        )
+
+    def _eval_before(self) -> dict[str, Any]:
+        if self.resume_from is not None:
+            return self.state.get("eval_before", {})
+        values = self._evaluate(self.step, score_teacher=True)
+        if self.metrics is not None and values:
+            self.metrics.log({"kind": "eval", "step": self.step, **values})
+            log.info("held-out before: %s", _fmt(values))
+        return values
+
+    def _finish(self) -> dict[str, Any]:
+        """The end: checkpoint, final model, evaluation, figure, summary."""
+        self._save()
+        summary = self.summary
+        summary["eval_after"] = self._evaluate(self.step, score_teacher=False)
+        summary.update(
+            steps=self.step,
+            skipped_steps=self.skipped_total,
+            total_steps=self.total_steps,
+            student_parameters=count_parameters(self.student),
+            teacher_parameters=count_parameters(self.teacher) if self.teacher else None,
+        )
+        if self.procs.is_main:
+            final = self.run_dir / "final"
+            self.student.save_pretrained(final, safe_serialization=True)
+            self.tokenizer.save_pretrained(final)
+            _append_eval(self.run_dir, self.step, summary["eval_after"])
+            if summary["eval_after"]:
+                log.info("held-out after: %s", _fmt(summary["eval_after"]))
+            summary["figure"] = str(plot_metrics(self.run_dir))
+            ckpt.write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+        self.procs.barrier()
+        return summary
+
+    def evaluate_only(self) -> dict[str, Any]:
+        """``--do-eval``: the metrics of ``--student-pretrained`` (and the teacher's, if given) on
+        the held-out files, written to RUN/eval_results.json; no training, no checkpoint."""
+        values = self._evaluate(0, score_teacher=True)
+        summary = {"eval": values, "model": self.cfg.student_pretrained}
+        if self.procs.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(summary, indent=1)
+            ckpt.write_text_atomic(self.run_dir / "eval_results.json", text)
+            log.info("held-out: %s", _fmt(values))
+        self.procs.barrier()
+        return summary
+
+
+def _append_eval(run_dir: Path, step: int, values: dict[str, float]) -> None:
+    if values:
+        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"kind": "eval", "step": step, **values}) + "\n")
+
+
+def _fmt(values: dict[str, Any]) -> str:
+    return " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in values.items()
+        if k not in ("kind", "time")
+    )
