@@ -47,10 +47,7 @@ import datetime
 import gc
 import json
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -154,22 +151,10 @@ class Row:
         return [i for i in wanted if not i.startswith("liger") or self.op in LIGER_OPS]
 
     def unit_bytes(self) -> int:
-        """One input tensor (logits, or hidden states for cosine): the memory unit."""
-        return self.shape.rows * self.cols * self.dtype.itemsize
+        return harness.unit_bytes(self.shape, self.dtype, self.hidden)
 
     def min_bytes(self) -> int:
-        """Bytes a perfect kernel moves: inputs read once, the gradient written once."""
-        unit, rows = self.unit_bytes(), self.shape.rows
-        reads = {
-            "kl_div": 2 * unit,
-            "kl_div_masked": 2 * unit + rows,  # + bool mask
-            "mse": 2 * unit,
-            "cosine": 2 * unit,
-            "cross_entropy": unit + 8 * rows,  # + int64 labels
-            "distillation": 2 * unit + 8 * rows,
-            "all_finite": 2 * unit,
-        }[self.op]
-        return reads + (unit if self.backward else 0)
+        return harness.min_bytes(self.op, self.shape, self.dtype, self.backward)
 
     def label(self) -> str:
         kind = " (hidden)" if self.hidden else ""
@@ -214,22 +199,6 @@ def _csv(value: str | None) -> list[str] | None:
 # ---- inputs and oracle -----------------------------------------------------------------------
 
 
-def make_inputs(row: Row, device: torch.device, seed: int) -> harness.Inputs:
-    """Logits (or hidden states) like bench/harness.py's, drawn on the GPU: student std 3,
-    teacher correlated with it; labels with every 8th position ignored; a mask with the last
-    1/8 of every 64-token sequence off."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    rows, cols = row.shape.rows, row.cols
-    student = torch.randn(rows, cols, generator=g, device=device).mul_(3.0)
-    teacher = torch.randn(rows, cols, generator=g, device=device).mul_(1.5).add_(student, alpha=0.8)
-    if row.dtype != torch.float32:
-        student, teacher = student.to(row.dtype), teacher.to(row.dtype)
-    labels = torch.randint(0, row.shape.vocab, (rows,), generator=g, device=device)
-    labels[::8] = harness.IGNORE_INDEX
-    mask = (torch.arange(rows, device=device) % 64) < 56
-    return harness.Inputs(student, teacher, labels, mask)
-
-
 @dataclass
 class Oracle:
     """float64 values of one row's inputs: the loss of every op and gradient rows to check."""
@@ -250,15 +219,11 @@ def build_oracle(row: Row, inp: harness.Inputs, seed: int) -> tuple[torch.Tensor
     if row.op == "all_finite":
         return idx, oracle
     with torch.no_grad():
-        ref = harness._reference_rows(inp, row.hidden, chunk_elems=1 << 26)
+        ref = harness.reference_rows(inp, row.hidden, chunk_elems=1 << 26)
     oracle.loss[row.op] = harness.expected_loss(row.op, ref, inp)
     if row.backward:
         oracle.rows[row.op] = harness.expected_grad_rows(row.op, inp, idx.to(inp.student.device))
     return idx, oracle
-
-
-def rel_err(x: torch.Tensor | float, ref: torch.Tensor | float) -> float:
-    return harness.rel_err(torch.as_tensor(x).cpu(), torch.as_tensor(ref).cpu())
 
 
 def grad_bound_rel(ref: torch.Tensor, dtype: torch.dtype, rtol: float) -> float:
@@ -307,6 +272,21 @@ class Result:
     @property
     def measured(self) -> bool:
         return self.ms_median is not None
+
+
+def new_result(row: Row, impl: str) -> Result:
+    """The not-yet-run result of ``impl`` on ``row``."""
+    return Result(
+        op=row.op,
+        shape=row.shape.name,
+        rows=row.shape.rows,
+        cols=row.cols,
+        dtype=row.dtype_name,
+        mode=row.mode,
+        impl=impl,
+        unit_bytes=row.unit_bytes(),
+        min_bytes=row.min_bytes(),
+    )
 
 
 class Unavailable(Exception):
@@ -375,17 +355,7 @@ class Runner:
         self.flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
 
     def measure(self, row: Row, impl: str, inp: harness.Inputs, idx, oracle: Oracle) -> Result:
-        res = Result(
-            op=row.op,
-            shape=row.shape.name,
-            rows=row.shape.rows,
-            cols=row.cols,
-            dtype=row.dtype_name,
-            mode=row.mode,
-            impl=impl,
-            unit_bytes=row.unit_bytes(),
-            min_bytes=row.min_bytes(),
-        )
+        res = new_result(row, impl)
         with backend_env(FD_BACKENDS.get(impl)):
             try:
                 self._measure(row, impl, inp, idx, oracle, res)
@@ -406,19 +376,14 @@ class Runner:
         return res
 
     def _measure(self, row, impl, inp, idx, oracle: Oracle, res: Result) -> None:
-        fn = impl_fn(row, impl, self.device)
-        backward = row.backward
+        step = harness.loss_step(impl_fn(row, impl, self.device), row.backward)
         mask = inp.mask if row.op == "kl_div_masked" else None
 
         def setup():
-            return inp.student.detach().requires_grad_(backward)
+            return inp.student.detach().requires_grad_(row.backward)
 
         def call(x):
-            out = fn(x, inp.teacher, inp.labels, mask)
-            loss = out[0] if isinstance(out, tuple) else out
-            if backward:
-                loss.backward()
-            return loss
+            return step(x, inp.teacher, inp.labels, mask)
 
         # 1. first call: compilation / JIT, outside every measurement.
         t0 = time.perf_counter()
@@ -448,22 +413,19 @@ class Runner:
         torch.cuda.synchronize()
         per_call = (time.perf_counter() - t0) / 2
         n = max(self.args.min_iters, min(self.args.max_iters, int(self.args.row_time / per_call)))
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        for i in range(n):
-            x = setup()
+
+        def fresh_leaf_cold_cache():
+            x = setup()  # a fresh leaf: its gradient goes with it, as zero_grad(set_to_none=True)
             self.flush.zero_()
-            starts[i].record()
-            call(x)
-            ends[i].record()
-            del x  # the gradient goes with the leaf, as zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
+            return (x,)
+
+        seconds = harness.time_calls(call, n, self.device, before=fresh_leaf_cold_cache)
+        ms = sorted(1e3 * t for t in seconds)
         res.iters = n
-        res.ms_median = statistics.median(times)
-        res.ms_min, res.ms_max = times[0], times[-1]
+        res.ms_median = statistics.median(ms)
+        res.ms_min, res.ms_max = ms[0], ms[-1]
         res.eff_GBps = res.min_bytes / (res.ms_median * 1e-3) / 1e9
-        res.frac_copy_bw = res.eff_GBps * 1e9 / self.copy_bw["bytes_per_s"]
+        res.frac_copy_bw = res.eff_GBps * 1e9 / self.copy_bw["bytes_per_s_median"]
         if problems:
             res.status = "FAIL"
             res.detail = "; ".join(problems)
@@ -471,31 +433,27 @@ class Runner:
             res.status = "ok"
 
     def _check(self, row, impl, inp, idx, oracle: Oracle, x, loss, res: Result) -> list[str]:
-        problems: list[str] = []
         if row.op == "all_finite":
             return self._check_all_finite(row, impl, inp, loss)
         loss_tol, grad_tol = tolerances(row, impl)
-        value = float(loss.detach().double())
-        res.loss = value
-        res.loss_rel_err = rel_err(value, oracle.loss[row.op])
-        res.loss_tol = loss_tol
-        if not res.loss_rel_err <= loss_tol:  # also catches NaN
-            problems.append(f"loss rel. error {res.loss_rel_err:.2e} > {loss_tol:g}")
+        grad = want_grad = None
+        problems: list[str] = []
         if row.backward:
-            ref = oracle.rows[row.op]
             if x.grad is None:
                 problems.append("the student received no gradient")
             else:
-                got = x.grad[idx.to(x.grad.device)].double()
+                grad, want_grad = x.grad[idx.to(x.grad.device)], oracle.rows[row.op]
                 if impl in FD_BACKENDS:
                     if x.grad.dtype != row.dtype:
                         problems.append(f"gradient dtype {x.grad.dtype}, expected {row.dtype}")
-                    grad_tol = grad_bound_rel(ref, row.dtype, grad_tol)
-                res.grad_rel_err = rel_err(got, ref)
-                res.grad_tol = grad_tol
-                if not res.grad_rel_err <= grad_tol:
-                    problems.append(f"gradient rel. error {res.grad_rel_err:.2e} > {grad_tol:.2e}")
-        return problems
+                    grad_tol = grad_bound_rel(want_grad, row.dtype, grad_tol)
+        res.loss = float(loss.detach().double())
+        res.loss_rel_err, res.grad_rel_err, found = harness.oracle_errors(
+            res.loss, oracle.loss[row.op], loss_tol, grad, want_grad, grad_tol
+        )
+        res.loss_tol = loss_tol
+        res.grad_tol = None if grad is None else grad_tol
+        return found + problems
 
     def _check_all_finite(self, row, impl, inp, result) -> list[str]:
         """True on the clean inputs; False with one NaN planted in the student and, separately,
@@ -533,98 +491,6 @@ def add_ratios(results: list[Result]) -> None:
             r.x_eager = eager.ms_median / r.ms_median
         if comp:
             r.x_compile = comp.ms_median / r.ms_median
-
-
-# ---- machine ----------------------------------------------------------------------------------
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 20) -> dict:
-    """``dst.copy_(src)`` of ``nbytes`` (1 GiB), timed with CUDA events; bytes = read + write."""
-    src = torch.randn(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for s, e in zip(starts, ends, strict=True):
-        s.record()
-        dst.copy_(src)
-        e.record()
-    torch.cuda.synchronize()
-    ms = sorted(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
-    del src, dst
-    torch.cuda.empty_cache()
-    med = statistics.median(ms)
-    return {
-        "bytes": 2 * nbytes,
-        "reps": reps,
-        "ms_median": med,
-        "ms_min": ms[0],
-        "bytes_per_s": 2 * nbytes / (med * 1e-3),
-        "bytes_per_s_best": 2 * nbytes / (ms[0] * 1e-3),
-    }
-
-
-def _run(cmd: list[str]) -> str | None:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def machine_info(device: torch.device) -> dict:
-    props = torch.cuda.get_device_properties(device)
-    smi = _run(
-        [
-            "nvidia-smi",
-            f"--id={device.index or 0}",
-            "--query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit",
-            "--format=csv,noheader",
-        ]
-    )
-    nvcc = _run(["nvcc", "--version"])
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception as exc:
-        triton_version = f"not importable ({type(exc).__name__})"
-    try:
-        from fastdistill import _native
-
-        cuda_built = (
-            bool(_native.core().built_with_cuda()) if _native.available() else "core missing"
-        )
-    except Exception as exc:
-        cuda_built = f"unknown ({exc})"
-    try:
-        import fastdistill
-
-        fd_version = getattr(fastdistill, "__version__", "?")
-    except Exception:
-        fd_version = "?"
-    return {
-        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "commit": harness._git_commit(),
-        "gpu": torch.cuda.get_device_name(device),
-        "capability": f"{props.major}.{props.minor}",
-        "sms": getattr(props, "multi_processor_count", None),
-        "memory_GiB": round(props.total_memory / 2**30, 1),
-        "l2_MB": round(getattr(props, "L2_cache_size", 0) / 1e6, 1) or None,
-        "nvidia_smi": smi,
-        "cuda_torch": torch.version.cuda,
-        "nvcc": next((ln for ln in nvcc.splitlines() if "release" in ln), None) if nvcc else None,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "liger_kernel": baselines.liger_version() or "not installed",
-        "fastdistill": fd_version,
-        "fastdistill_cuda_kernels_built": cuda_built,
-        "FASTDISTILL_CUDA_ARCHS": os.environ.get("FASTDISTILL_CUDA_ARCHS"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
-    }
 
 
 # ---- Triton kernel resources -----------------------------------------------------------------
@@ -781,8 +647,8 @@ def render(machine: dict, copy_bw: dict | None, results: list[Result], kernels, 
         out.append(f"- {key}: {value}")
     if copy_bw:
         out.append(
-            f"- copy bandwidth: {copy_bw['bytes_per_s'] / 1e9:.0f} GB/s median "
-            f"(best {copy_bw['bytes_per_s_best'] / 1e9:.0f} GB/s) over {copy_bw['reps']} "
+            f"- copy bandwidth: {copy_bw['bytes_per_s_median'] / 1e9:.0f} GB/s median "
+            f"(best {copy_bw['bytes_per_s'] / 1e9:.0f} GB/s) over {copy_bw['reps']} "
             f"dst.copy_(src) of {copy_bw['bytes'] // 2 // 2**20} MiB, counting read + write bytes"
         )
     out += [
@@ -932,15 +798,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     device = _device()
     paths = output_paths(args)
-    machine = machine_info(device)
+    machine = harness.gpu_machine_info(device)
     print(
         f"gpu_bench: {machine['gpu']}, torch {machine['torch']}, triton {machine['triton']}, "
         f"Liger {machine['liger_kernel']}, commit {machine['commit']}",
         flush=True,
     )
-    copy_bw = copy_bandwidth(device)
+    copy_bw = harness.copy_bandwidth(device)
     print(
-        f"gpu_bench: copy bandwidth {copy_bw['bytes_per_s'] / 1e9:.0f} GB/s (median); "
+        f"gpu_bench: copy bandwidth {copy_bw['bytes_per_s_median'] / 1e9:.0f} GB/s (median); "
         f"{len(plan)} rows; results -> {paths[0]}",
         flush=True,
     )
@@ -963,23 +829,15 @@ def main(argv: list[str] | None = None) -> int:
                     inp = None
                     gc.collect()
                     torch.cuda.empty_cache()
-                    inp = make_inputs(row, device, args.seed + row.cols)
+                    inp = harness.make_inputs(
+                        row.shape, row.dtype, row.hidden, args.seed + row.cols, device
+                    )
                     inputs_key = key
                 idx, oracle = build_oracle(row, inp, args.seed + row_no)
             except Exception as exc:
                 inp, inputs_key = None, None
                 for impl in impls:
-                    r = Result(
-                        row.op,
-                        row.shape.name,
-                        row.shape.rows,
-                        row.cols,
-                        row.dtype_name,
-                        row.mode,
-                        impl,
-                        unit_bytes=row.unit_bytes(),
-                        min_bytes=row.min_bytes(),
-                    )
+                    r = new_result(row, impl)
                     r.status = "OOM" if "out of memory" in str(exc).lower() else "error"
                     r.detail = f"inputs/oracle: {type(exc).__name__}: {str(exc)[:200]}"
                     row_results.append(r)
@@ -990,17 +848,7 @@ def main(argv: list[str] | None = None) -> int:
             if stop_reason is None and args.budget_s and time.monotonic() - start > args.budget_s:
                 stop_reason = f"time budget of {args.budget_s:.0f} s spent"
             if stop_reason is not None:
-                r = Result(
-                    row.op,
-                    row.shape.name,
-                    row.shape.rows,
-                    row.cols,
-                    row.dtype_name,
-                    row.mode,
-                    impl,
-                    unit_bytes=row.unit_bytes(),
-                    min_bytes=row.min_bytes(),
-                )
+                r = new_result(row, impl)
                 r.detail = stop_reason
                 row_results.append(r)
                 continue

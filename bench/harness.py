@@ -1,5 +1,6 @@
-"""Shared machinery of the benchmark suites: inputs, the float64 oracle, running one case
-(correctness check + peak memory + timing inputs), copy bandwidth and machine info.
+"""Shared machinery of the benchmarks, CPU suites and GPU benchmark alike: inputs, the float64
+oracle and the check against it, running one case (correctness check + peak memory + timing
+inputs), per-call timing, copy bandwidth and machine info.
 
 A *case* is (op, implementation, shape, dtype, mode) with mode ``fwd`` (loss only, inputs do not
 require grad) or ``fwd+bwd`` (loss, then ``loss.backward()`` into a fresh student leaf).
@@ -8,10 +9,15 @@ require grad) or ``fwd+bwd`` (loss, then ``loss.backward()`` into a fresh studen
 from __future__ import annotations
 
 import datetime
+import functools
 import gc
 import json
 import os
 import platform
+import shlex
+import statistics
+import subprocess
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -65,16 +71,20 @@ class Inputs:
     mask: torch.Tensor  # (rows,) bool attention mask, the last 1/8 of each 64-token "sequence" off
 
 
-def _make_inputs(shape: Shape, dtype: torch.dtype, hidden: bool) -> Inputs:
-    g = torch.Generator().manual_seed(1234 + shape.vocab + (7 if hidden else 0))
-    cols = shape.hidden if hidden else shape.vocab
+def make_inputs(
+    shape: Shape, dtype: torch.dtype, hidden: bool, seed: int, device: torch.device | str = "cpu"
+) -> Inputs:
+    """``shape.rows`` rows of logits (or hidden states), drawn in fp32 on ``device`` from ``seed``
+    and rounded to ``dtype``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    rows, cols = shape.rows, (shape.hidden if hidden else shape.vocab)
     # Logits with a spread like a trained LM head (std ~3), teacher correlated with the student so
     # the KL is of a realistic size rather than that of two unrelated distributions.
-    student = torch.randn(shape.rows, cols, generator=g).mul_(3.0)
-    teacher = torch.randn(shape.rows, cols, generator=g).mul_(1.5).add_(student, alpha=0.8)
-    labels = torch.randint(0, shape.vocab, (shape.rows,), generator=g)
+    student = torch.randn(rows, cols, generator=g, device=device).mul_(3.0)
+    teacher = torch.randn(rows, cols, generator=g, device=device).mul_(1.5).add_(student, alpha=0.8)
+    labels = torch.randint(0, shape.vocab, (rows,), generator=g, device=device)
     labels[::8] = IGNORE_INDEX
-    mask = (torch.arange(shape.rows) % 64) < 56
+    mask = (torch.arange(rows, device=device) % 64) < 56
     return Inputs(student.to(dtype), teacher.to(dtype), labels, mask)
 
 
@@ -93,7 +103,7 @@ class InputCache:
             self._items.move_to_end(key)
             return self._items[key]
         if dtype == torch.float32:
-            made = _make_inputs(shape, dtype, hidden)
+            made = make_inputs(shape, dtype, hidden, seed=1234 + shape.vocab + (7 if hidden else 0))
         else:
             # The same values rounded: a bf16 case sees the fp32 case's data.
             base = self.get(shape, torch.float32, hidden)
@@ -107,14 +117,14 @@ class InputCache:
         """float64 per-row oracle values (small vectors, so all are kept)."""
         key = (shape.name, dtype, hidden)
         if key not in self._refs:
-            self._refs[key] = _reference_rows(self.get(shape, dtype, hidden), hidden)
+            self._refs[key] = reference_rows(self.get(shape, dtype, hidden), hidden)
         return self._refs[key]
 
 
 # ---- the float64 oracle -------------------------------------------------------------------
 
 
-def _reference_rows(
+def reference_rows(
     inp: Inputs, hidden: bool, chunk_elems: int = 4_000_000
 ) -> dict[str, torch.Tensor]:
     """Per-row float64 values of every term, from fastdistill.reference on float64 copies of the
@@ -200,12 +210,68 @@ def expected_grad_rows(op: str, inp: Inputs, idx: torch.Tensor) -> torch.Tensor:
 
 
 def rel_err(x: torch.Tensor | float, ref: torch.Tensor | float) -> float:
-    x = torch.as_tensor(x, dtype=torch.float64)
-    ref = torch.as_tensor(ref, dtype=torch.float64)
+    """``|x - ref| / |ref|`` in float64 (2-norms; on the host, whatever device x and ref are on)."""
+    x = torch.as_tensor(x).detach().to("cpu", torch.float64)
+    ref = torch.as_tensor(ref).detach().to("cpu", torch.float64)
     return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
+def oracle_errors(
+    loss: torch.Tensor | float,
+    want_loss: float,
+    loss_tol: float,
+    grad: torch.Tensor | None = None,
+    want_grad: torch.Tensor | None = None,
+    grad_tol: float | None = None,
+) -> tuple[float, float | None, list[str]]:
+    """Relative errors of a loss (and of gradient rows, when given) against the float64 oracle,
+    and what exceeds its tolerance, as (loss error, gradient error, problems)."""
+    loss_err = rel_err(float(torch.as_tensor(loss).detach().double()), want_loss)
+    grad_err = None if grad is None else rel_err(grad, want_grad)
+    problems = []
+    if not loss_err <= loss_tol:  # also catches NaN
+        problems.append(f"loss rel. error {loss_err:.2e} > {loss_tol:.3g}")
+    if grad_err is not None and not grad_err <= grad_tol:
+        problems.append(f"gradient rel. error {grad_err:.2e} > {grad_tol:.3g}")
+    return loss_err, grad_err, problems
+
+
 # ---- one case --------------------------------------------------------------------------------
+
+
+def unit_bytes(shape: Shape, dtype: torch.dtype, hidden: bool) -> int:
+    """One input tensor (a logits tensor, or hidden states for cosine): the memory unit."""
+    return shape.hidden_bytes(dtype) if hidden else shape.logits_bytes(dtype)
+
+
+def min_bytes(op: str, shape: Shape, dtype: torch.dtype, backward: bool) -> int:
+    """Bytes a perfect kernel moves: inputs read once, the gradient written once."""
+    unit = unit_bytes(shape, dtype, op == "cosine")
+    rows = shape.rows
+    reads = {
+        "kl_div": 2 * unit,
+        "kl_div_masked": 2 * unit + rows,  # + bool mask
+        "mse": 2 * unit,
+        "cosine": 2 * unit,
+        "cross_entropy": unit + 8 * rows,  # + int64 labels
+        "distillation": 2 * unit + 8 * rows,
+        "all_finite": 2 * unit,
+    }[op]
+    return reads + (unit if backward else 0)
+
+
+def loss_step(fn: Callable, backward: bool) -> Callable[..., torch.Tensor]:
+    """``(student, teacher, labels, mask) -> loss`` of a benchmark function (which may return a
+    tuple whose first element is the loss), with ``loss.backward()`` when ``backward``."""
+
+    def step(x, t, labels, mask):
+        out = fn(x, t, labels, mask)
+        loss = out[0] if isinstance(out, tuple) else out
+        if backward:
+            loss.backward()
+        return loss
+
+    return step
 
 
 @dataclass
@@ -230,26 +296,10 @@ class Case:
         return f"{self.op}/{self.impl}/{self.shape.name}/{self.dtype_name}/{self.mode}"
 
     def unit_bytes(self) -> int:
-        """One input tensor (a logits tensor, or hidden states for cosine): the memory unit."""
-        return (
-            self.shape.hidden_bytes(self.dtype)
-            if self.hidden
-            else self.shape.logits_bytes(self.dtype)
-        )
+        return unit_bytes(self.shape, self.dtype, self.hidden)
 
     def min_bytes(self) -> int:
-        """Bytes a perfect kernel moves: inputs read once, the gradient written once."""
-        unit = self.unit_bytes()
-        rows = self.shape.rows
-        reads = {
-            "kl_div": 2 * unit,
-            "kl_div_masked": 2 * unit + rows,  # + bool mask
-            "mse": 2 * unit,
-            "cosine": 2 * unit,
-            "cross_entropy": unit + 8 * rows,  # + int64 labels
-            "distillation": 2 * unit + 8 * rows,
-        }[self.op]
-        return reads + (unit if self.mode == "fwd+bwd" else 0)
+        return min_bytes(self.op, self.shape, self.dtype, self.mode == "fwd+bwd")
 
     def fn(self) -> Callable:
         if self.impl == "fastdistill":
@@ -305,19 +355,7 @@ def prepare(case: Case, cache: InputCache, check: bool = True) -> Prepared:
         x = inp.student.detach().requires_grad_(backward)
         return (x, inp.teacher, inp.labels, mask), {}
 
-    if backward:
-
-        def target(x, t, labels, mask):
-            out = fn(x, t, labels, mask)
-            loss = out[0] if isinstance(out, tuple) else out
-            loss.backward()
-            return loss
-
-    else:
-
-        def target(x, t, labels, mask):
-            out = fn(x, t, labels, mask)
-            return out[0] if isinstance(out, tuple) else out
+    target = loss_step(fn, backward)
 
     warm = 0.0
     if case.impl == "compile":
@@ -348,15 +386,13 @@ def prepare(case: Case, cache: InputCache, check: bool = True) -> Prepared:
     loss_err = grad_err = None
     if check:
         ref = cache.reference_rows(case.shape, case.dtype, case.hidden)
-        loss_err = rel_err(float(loss.detach().double()), expected_loss(case.op, ref, inp))
+        grad = want_grad = None
         if backward:
             idx = check_rows(case.shape.rows)
-            grad_err = rel_err(x.grad[idx].double(), expected_grad_rows(case.op, inp, idx))
-        problems = []
-        if not loss_err <= loss_tol:  # also catches NaN
-            problems.append(f"loss rel. error {loss_err:.2e} > {loss_tol:g}")
-        if grad_err is not None and not grad_err <= grad_tol:
-            problems.append(f"gradient rel. error {grad_err:.2e} > {grad_tol:g}")
+            grad, want_grad = x.grad[idx], expected_grad_rows(case.op, inp, idx)
+        loss_err, grad_err, problems = oracle_errors(
+            loss, expected_loss(case.op, ref, inp), loss_tol, grad, want_grad, grad_tol
+        )
         if problems:
             raise CheckFailed(f"{case.label}: " + "; ".join(problems))
     del x, loss
@@ -386,47 +422,124 @@ def rounds_for(seconds_per_call: float, budget: float = 1.0, lo: int = 2, hi: in
     return max(lo, min(hi, int(budget / seconds_per_call)))
 
 
+# ---- timing ---------------------------------------------------------------------------------
+
+
+def time_calls(
+    fn: Callable[..., object],
+    n: int,
+    device: torch.device | str = "cpu",
+    before: Callable[[], tuple] = tuple,
+) -> list[float]:
+    """Seconds of ``n`` calls ``fn(*before())``, each timed on its own; ``before`` runs outside
+    the timed region (fresh inputs, a cache flush), as does dropping what it returned.
+
+    On a CUDA device each call sits between its own pair of CUDA events and the host synchronises
+    once, after the last call; on the CPU each call is timed with ``perf_counter``."""
+    if torch.device(device).type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for start, end in zip(starts, ends, strict=True):
+            args = before()
+            start.record()
+            fn(*args)
+            end.record()
+            del args  # e.g. the student leaf and its gradient, as zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends, strict=True)]
+    times = []
+    for _ in range(n):
+        args = before()
+        t0 = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - t0)
+        del args
+    return times
+
+
+def copy_bandwidth(
+    device: torch.device | str = "cpu", nbytes: int | None = None, reps: int = 20
+) -> dict[str, float]:
+    """``dst.copy_(src)`` on a pre-allocated, pre-touched buffer pair, timed ``reps`` times
+    (time_calls): 256 MiB on the CPU, 1 GiB on a GPU (past any L2 cache) unless ``nbytes`` says.
+
+    Bandwidth counts bytes read plus bytes written (2 x nbytes), the same accounting as the
+    benchmarks' minimal bytes (inputs read + gradient written). ``bytes_per_s`` is from the best
+    time (the CPU suites' figure), ``bytes_per_s_median`` from the median (the GPU benchmark's)."""
+    device = torch.device(device)
+    if nbytes is None:
+        nbytes = (1 << 30) if device.type == "cuda" else 256 * 2**20
+    n = nbytes // 4
+    src = torch.ones(n, device=device)  # ones/zeros write every page: nothing first-touched later
+    dst = torch.zeros(n, device=device)
+    for _ in range(3 if device.type == "cuda" else 1):
+        dst.copy_(src)
+    times = sorted(time_calls(functools.partial(dst.copy_, src), reps, device))
+    del src, dst
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    best, median = times[0], statistics.median(times)
+    return {
+        "bytes": 2 * nbytes,
+        "reps": reps,
+        "seconds": best,
+        "seconds_median": median,
+        "bytes_per_s": 2 * nbytes / best,
+        "bytes_per_s_median": 2 * nbytes / median,
+    }
+
+
 # ---- machine ----------------------------------------------------------------------------------
 
 
-def copy_bandwidth(nbytes: int = 256 * 2**20, reps: int = 20) -> dict[str, float]:
-    """Best-of-``reps`` ``dst.copy_(src)`` on a pre-allocated, pre-touched buffer pair.
-
-    Bandwidth counts bytes read plus bytes written (2 x nbytes), the same accounting as the
-    benchmarks' minimal bytes (inputs read + gradient written)."""
-    n = nbytes // 4
-    src = torch.ones(n)  # ones/zeros write every page: nothing is first-touched while timed
-    dst = torch.zeros(n)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return {"bytes": 2 * nbytes, "seconds": best, "bytes_per_s": 2 * nbytes / best}
+def command_output(cmd: list[str], cwd: str | None = None) -> str | None:
+    """Stripped stdout of ``cmd``, or None when it is missing, fails or takes over 30 s."""
+    try:
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def _git_commit() -> str:
     """The source tree measured (``+dirty``: with uncommitted changes, as while developing)."""
-    import subprocess
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
+    head = command_output(["git", "rev-parse", "--short", "HEAD"], cwd=root)
+    dirty = command_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root)
     return (head or "unknown") + ("+dirty" if dirty else "")
 
 
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    except Exception as exc:  # a broken install must not take the benchmark down
+        return f"not importable ({type(exc).__name__})"
+    return triton.__version__
+
+
+def software_info() -> dict[str, str]:
+    """What every benchmark report records about the code measured and its stack."""
+    try:
+        import fastdistill
+
+        fd_version = getattr(fastdistill, "__version__", "?")
+    except Exception:
+        fd_version = "?"
+    return {
+        "commit": _git_commit(),
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "fastdistill": fd_version,
+        "platform": platform.platform(),
+    }
+
+
 def machine_info() -> dict[str, str]:
+    """The CPU suites' machine record: software_info and the CPU, cores, ISA variant, load."""
     cpu = "unknown"
     flags = ""
     try:
@@ -442,40 +555,60 @@ def machine_info() -> dict[str, str]:
         f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f" {f}" in flags
     ]
     try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = "not installed"
-    try:
         from fastdistill import _native
 
         isa = _native.core().isa()
     except Exception as exc:
         isa = f"unavailable ({exc})"
-    try:
-        import fastdistill
-
-        fd_version = getattr(fastdistill, "__version__", "?")
-    except Exception:
-        fd_version = "?"
     return {
-        "commit": _git_commit(),
-        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        **software_info(),
         "cpu": cpu,
         "cpu_flags": " ".join(isa_flags),
         "cores": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "fastdistill": fd_version,
         "fastdistill_isa": isa,
         "backend": os.environ.get("FASTDISTILL_BACKEND", "auto"),
         # Other work on the machine skews every number (2 cores: one busy core halves a 2-thread
         # kernel); recorded so a reader can tell a quiet run from a contended one.
         "loadavg_1m": f"{os.getloadavg()[0]:.2f}",
-        "platform": platform.platform(),
+    }
+
+
+def gpu_machine_info(device: torch.device) -> dict:
+    """The GPU benchmark's machine record: software_info and the card, driver, CUDA, nvcc, Liger,
+    whether the core has CUDA kernels, and the command line."""
+    props = torch.cuda.get_device_properties(device)
+    smi = command_output(
+        [
+            "nvidia-smi",
+            f"--id={device.index or 0}",
+            "--query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit",
+            "--format=csv,noheader",
+        ]
+    )
+    nvcc = command_output(["nvcc", "--version"])
+    try:
+        from fastdistill import _native
+
+        cuda_built = (
+            bool(_native.core().built_with_cuda()) if _native.available() else "core missing"
+        )
+    except Exception as exc:
+        cuda_built = f"unknown ({exc})"
+    return {
+        **software_info(),
+        "gpu": torch.cuda.get_device_name(device),
+        "capability": f"{props.major}.{props.minor}",
+        "sms": getattr(props, "multi_processor_count", None),
+        "memory_GiB": round(props.total_memory / 2**30, 1),
+        "l2_MB": round(getattr(props, "L2_cache_size", 0) / 1e6, 1) or None,
+        "nvidia_smi": smi,
+        "cuda_torch": torch.version.cuda,
+        "nvcc": next((ln for ln in nvcc.splitlines() if "release" in ln), None) if nvcc else None,
+        "liger_kernel": baselines.liger_version() or "not installed",
+        "fastdistill_cuda_kernels_built": cuda_built,
+        "FASTDISTILL_CUDA_ARCHS": os.environ.get("FASTDISTILL_CUDA_ARCHS"),
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
     }
 
 
