@@ -1,9 +1,9 @@
-"""GPU benchmark (issue 3): every op on GPU-sized shapes from bench/shapes.py, forward+backward,
+"""GPU benchmark: every op on GPU-sized shapes from bench/shapes.py, forward+backward,
 fastdistill's Triton and CUDA backends against the seed's eager formula, ``torch.compile`` of it
 and Liger-Kernel's two kl_div pipelines, in one run that also measures the card's copy bandwidth.
 
     python -m bench.gpu_bench                    # the default plan (about 4-6 min on an H100)
-    python -m bench.gpu_bench --quick            # only the two issue-3 headline rows
+    python -m bench.gpu_bench --quick            # only the two headline rows (the GPU targets)
     python -m bench.gpu_bench --ops kl_div --shapes llama2,llama3 --dtypes bf16
     python -m bench.gpu_bench --impls fastdistill-triton,eager --budget-s 120
     python -m bench.gpu_bench --list             # print the plan and exit (no GPU needed)
@@ -31,9 +31,10 @@ counting bytes read + written) measured at the start of the same run. Speed-ups 
 medians from the same run. A failure in one row (out of memory, a backend that is not available,
 an exception) is reported in that row and the run goes on; a lost CUDA context stops it.
 
-Results go to ``$OUT/gpu_results.md`` (and ``.json``) when ``OUT`` is set, else to
-``bench/results/gpu-<date>.md``; the file is rewritten after every row, so a run cut short still
-leaves what it measured. Exit status: 0 when every fastdistill row that ran is correct, 1 when
+Results go to ``$OUT/gpu_results.json`` and ``.md`` when ``OUT`` is set, else to
+``bench/results/gpu-<date>.json`` and ``.md``; both are rewritten after every row, so a run cut short
+still leaves what it measured. The markdown is rendered from the JSON by bench/report.py
+(``python -m bench.report --gpu-json FILE`` renders it again). Exit status: 0 when every fastdistill row that ran is correct, 1 when
 one failed its check or raised (or, with ``--require-backends``, could not run), 2 without a
 CUDA device.
 """
@@ -58,7 +59,7 @@ import torch
 
 from fastdistill import backend as fd_backend
 
-from . import baselines, harness, shapes
+from . import baselines, harness, report, shapes
 
 IMPLS = (
     "fastdistill-triton",
@@ -77,7 +78,8 @@ FWD_ONLY = ("all_finite",)  # no gradient: forward only
 # The default plan, most important first: when the time budget runs out the rows at the end are
 # the ones left out. (op, shape name in shapes.GPU_REGISTRY, dtype name).
 PLAN: list[tuple[str, str, str]] = [
-    # issue 3 headline: kl_div fwd+bwd bf16 on 16,384 x 32,000 and 8,192 x 128,256
+    # the headline rows, the GPU targets' cases: kl_div fwd+bwd bf16 on 16,384 x 32,000 and
+    # 8,192 x 128,256
     ("kl_div", "llama2", "bf16"),
     ("kl_div", "llama3", "bf16"),
     ("kl_div", "llama2", "fp32"),
@@ -108,7 +110,7 @@ QUICK_PLAN = PLAN[:2]
 FD_RTOL = 1e-4
 ROUNDING_MARGIN = 2.0
 GRAD_SAMPLE_ROWS = 64
-# Issue-3 memory target, "at most the gradient plus O(rows)": extra peak memory of kl_div fwd+bwd
+# The GPU memory target, "at most the gradient plus O(rows)": extra peak memory of kl_div fwd+bwd
 # <= one gradient + 1% of one logits tensor + 1 MiB (1% of 16,384 x 32,000 bf16 is 640 B a row).
 MEMORY_SLACK_FRACTION = 0.01
 
@@ -541,162 +543,7 @@ def triton_kernel_report() -> list[dict]:
     return list(found.values())
 
 
-# ---- report ------------------------------------------------------------------------------------
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _status_cell(r: Result) -> str:
-    """Short status for the table (the full text is in the Details section)."""
-    if r.status in ("ok", "OOM", "not installed"):
-        return r.status
-    if r.status == "FAIL":
-        return f"FAIL: {r.detail}"
-    text = r.detail
-    if r.status == "unavailable" and ": " in text:
-        text = text.split(": ", 1)[1]  # BackendUnavailableError: "<what>: <why>. Available..."
-    short = text.split(". ")[0][:100].replace("|", "/")
-    return f"{r.status}: {short}" if short else r.status
-
-
-def results_table(results: list[Result]) -> list[str]:
-    lines = [
-        "| op | shape | dtype | mode | impl | ms (median) | x eager | x compile "
-        "| peak (x input) | % copy BW | check |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in results:
-        kind = " (hidden)" if r.op == COSINE_OP else ""
-        bw = None if r.frac_copy_bw is None else 100 * r.frac_copy_bw
-        lines.append(
-            f"| {r.op} | {r.shape} {r.rows}x{r.cols}{kind} | {r.dtype} | {r.mode} | {r.impl} "
-            f"| {_fmt(r.ms_median, '.3f')} | {_fmt(r.x_eager, '.2f')} | {_fmt(r.x_compile, '.2f')} "
-            f"| {_fmt(r.peak_x_unit, '.2f')} | {_fmt(bw, '.0f')} | {_status_cell(r)} |"
-        )
-    return lines
-
-
-def targets_section(results: list[Result]) -> list[str]:
-    """Issue 3's "Done when" figures for kl_div fwd+bwd bf16, from this run's rows."""
-    lines = [
-        "## Issue-3 targets (kl_div fwd+bwd bf16, T=2)",
-        "",
-        "Required of each fastdistill backend: % of copy bandwidth at least the shape's target; "
-        ">= 2x faster than torch.compile of the seed formula; faster than both Liger pipelines; "
-        "extra peak memory <= one gradient + O(rows) (here: + 1% of one logits tensor + 1 MiB).",
-        "",
-        "| shape | impl | % copy BW (target) | x compile (>= 2) | vs liger-kldiv | vs liger-jsd "
-        "| extra peak beyond the gradient | verdict |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
-    ]
-    any_row = False
-    for name, frac in shapes.GPU_TARGETS.items():
-        row = {
-            r.impl: r
-            for r in results
-            if r.op == "kl_div" and r.shape == name and r.dtype == "bf16" and r.mode == "fwd+bwd"
-        }
-        for impl in FD_BACKENDS:
-            r = row.get(impl)
-            if r is None:
-                continue
-            any_row = True
-            label = f"{name} {r.rows}x{r.cols}"
-            if r.status != "ok":
-                lines.append(f"| {label} | {impl} | - | - | - | - | - | not met: {r.status} |")
-                continue
-            checks = [r.frac_copy_bw >= frac]
-            cells = [f"{100 * r.frac_copy_bw:.0f}% ({100 * frac:.0f}%)"]
-            comp = row.get("compile")
-            if comp is not None and comp.measured:
-                checks.append(comp.ms_median / r.ms_median >= 2.0)
-                cells.append(f"{comp.ms_median / r.ms_median:.2f}")
-            else:
-                checks.append(None)
-                cells.append(f"not measured ({comp.status if comp else 'not run'})")
-            for liger in ("liger-kldiv", "liger-jsd"):
-                lr = row.get(liger)
-                if lr is not None and lr.measured:
-                    checks.append(r.ms_median < lr.ms_median)
-                    cells.append(f"{lr.ms_median / r.ms_median:.2f}x")
-                else:
-                    checks.append(None)
-                    cells.append(f"not measured ({lr.status if lr else 'not run'})")
-            extra = r.peak_bytes - r.unit_bytes
-            allowed = MEMORY_SLACK_FRACTION * r.unit_bytes + (1 << 20)
-            checks.append(extra <= allowed)
-            cells.append(f"{extra / 2**20:.1f} MiB ({extra / r.rows:.0f} B/row)")
-            if all(c is True for c in checks):
-                verdict = "met"
-            elif any(c is False for c in checks):
-                verdict = "NOT met"
-            else:
-                verdict = "met where measured"
-            lines.append(f"| {label} | {impl} | " + " | ".join(cells) + f" | {verdict} |")
-    if not any_row:
-        lines.append("| (the headline rows did not run) | | | | | | | |")
-    return lines + [""]
-
-
-def render(machine: dict, copy_bw: dict | None, results: list[Result], kernels, notes) -> str:
-    out = ["# fastdistill GPU benchmark (bench/gpu_bench.py)", ""]
-    out += ["## Machine", ""]
-    for key, value in machine.items():
-        out.append(f"- {key}: {value}")
-    if copy_bw:
-        out.append(
-            f"- copy bandwidth: {copy_bw['bytes_per_s_median'] / 1e9:.0f} GB/s median "
-            f"(best {copy_bw['bytes_per_s'] / 1e9:.0f} GB/s) over {copy_bw['reps']} "
-            f"dst.copy_(src) of {copy_bw['bytes'] // 2 // 2**20} MiB, counting read + write bytes"
-        )
-    out += [
-        f"- settings: temperature {shapes.TEMPERATURE}, distillation alphas {shapes.ALPHAS}, "
-        "labels with every 8th position ignored; times are medians of CUDA-event timings "
-        "with the L2 cache flushed before each call",
-        "",
-        "## Results",
-        "",
-        "`x eager` / `x compile`: how many times faster than the seed's eager formula / "
-        "torch.compile of it (ratio of medians, same run). `peak`: extra memory during one "
-        "call as a multiple of one input tensor (logits, or hidden states for cosine), the "
-        "gradient included. `% copy BW`: minimal bytes (inputs read once + gradient written "
-        "once) / median time, as a share of the copy bandwidth above. `check`: the loss and a "
-        f"{GRAD_SAMPLE_ROWS}+ row sample of the gradient against the float64 oracle.",
-        "",
-    ]
-    out += results_table(results)
-    out.append("")
-    out += targets_section(results)
-    out += ["## Triton kernels compiled in this run", ""]
-    if kernels:
-        out += [
-            "| kernel | warps | registers | spills | shared bytes |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for k in kernels:
-            if "error" in k:
-                out.append(f"| {k['kernel']} | - | - | - | {k['error']} |")
-            else:
-                out.append(
-                    f"| {k['kernel']} | {k['num_warps']} | {k['regs']} | {k['spills']} "
-                    f"| {k['shared']} |"
-                )
-    else:
-        out.append("(none found: the triton backend did not run, or Triton's cache layout changed)")
-    out += ["", "## Details", ""]
-    for r in results:
-        extra = {
-            k: float(f"{v:.4g}") if isinstance(v, float) else v
-            for k, v in dataclasses.asdict(r).items()
-            if k not in ("op", "shape", "rows", "cols", "dtype", "mode", "impl")
-            and v not in (None, "")
-        }
-        out.append(f"- {r.op} {r.shape} {r.dtype} {r.impl}: {json.dumps(extra, default=str)}")
-    if notes:
-        out += ["", "## Notes", ""] + [f"- {n}" for n in notes]
-    return "\n".join(out) + "\n"
+# ---- output ------------------------------------------------------------------------------------
 
 
 def output_paths(args) -> tuple[str, str]:
@@ -712,23 +559,36 @@ def output_paths(args) -> tuple[str, str]:
     return md, os.path.splitext(md)[0] + ".json"
 
 
+def settings() -> dict:
+    """What the report needs to know about how this run was configured and judged."""
+    return {
+        "temperature": shapes.TEMPERATURE,
+        "alphas": shapes.ALPHAS,
+        "grad_sample_rows": GRAD_SAMPLE_ROWS,
+        "fastdistill_impls": list(FD_BACKENDS),
+        "copy_bw_targets": shapes.GPU_TARGETS,
+        "memory_slack_fraction": MEMORY_SLACK_FRACTION,
+    }
+
+
 def write_outputs(paths, machine, copy_bw, results, kernels, notes) -> None:
+    """The run so far as JSON and as markdown rendered from that JSON (bench/report.py), so
+    ``python -m bench.report --gpu-json`` renders the same report again."""
     md, js = paths
-    with open(md, "w") as f:
-        f.write(render(machine, copy_bw, results, kernels, notes))
+    payload = {
+        "machine": machine,
+        "copy_bw": copy_bw,
+        "settings": settings(),
+        "results": [dataclasses.asdict(r) for r in results],
+        "triton_kernels": kernels,
+        "notes": notes,
+    }
     with open(js, "w") as f:
-        json.dump(
-            {
-                "machine": machine,
-                "copy_bw": copy_bw,
-                "results": [dataclasses.asdict(r) for r in results],
-                "triton_kernels": kernels,
-                "notes": notes,
-            },
-            f,
-            indent=1,
-            default=str,
-        )
+        json.dump(payload, f, indent=1, default=str)
+    with open(js) as f:  # render what a re-render reads (JSON turns tuples into lists)
+        payload = json.load(f)
+    with open(md, "w") as f:
+        f.write(report.render_gpu(payload))
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -742,7 +602,9 @@ def parse_args(argv):
     p.add_argument("--shapes", help="comma-separated shapes: " + ", ".join(shapes.GPU_REGISTRY))
     p.add_argument("--dtypes", help="comma-separated dtypes: " + ", ".join(DTYPES))
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated implementations")
-    p.add_argument("--quick", action="store_true", help="only the two issue-3 headline rows")
+    p.add_argument(
+        "--quick", action="store_true", help="only the two headline rows (the GPU targets)"
+    )
     p.add_argument(
         "--budget-s",
         type=float,
@@ -857,7 +719,8 @@ def main(argv: list[str] | None = None) -> int:
             row_results.append(r)
             print(
                 f"  {row.op:14s} {row.label():32s} {row.dtype_name} {impl:18s} "
-                f"{_fmt(r.ms_median, '9.3f')} ms  {_status_cell(r)}  ({time.monotonic() - t0:.1f} s)",
+                f"{report.fmt(r.ms_median, '9.3f')} ms  {report.gpu_status_cell(dataclasses.asdict(r))}"
+                f"  ({time.monotonic() - t0:.1f} s)",
                 flush=True,
             )
             if r.status in ("OOM", "error"):
@@ -876,9 +739,10 @@ def main(argv: list[str] | None = None) -> int:
     notes.append(f"wall time {time.monotonic() - start:.0f} s")
     write_outputs(paths, machine, copy_bw, results, kernels, notes)
     print()
-    print("\n".join(results_table(results)))
+    rows = [dataclasses.asdict(r) for r in results]
+    print("\n".join(report.gpu_results_table(rows)))
     print()
-    print("\n".join(targets_section(results)))
+    print("\n".join(report.gpu_targets_section(rows, settings())))
     if kernels:
         spills = [k for k in kernels if k.get("spills")]
         print(f"Triton kernels compiled: {len(kernels)}, with register spills: {len(spills)}")
