@@ -226,8 +226,8 @@ def liger_jsd_forward_kl(s, t, labels=None, mask=None, temperature: float = TEMP
 
 LIGER: dict[str, LossFn] = {"kl_div": liger_kl_div, "kl_div_masked": liger_kl_div}
 
-# The GPU benchmark times both of Liger's routes to KL(teacher ‖ student) that issue 3 names, by
-# implementation name: torch's log_softmax/softmax + LigerKLDIVLoss, and torch's two log_softmaxes
+# The GPU benchmark times both of Liger's routes to KL(teacher ‖ student), by implementation
+# name: torch's log_softmax/softmax + LigerKLDIVLoss, and torch's two log_softmaxes
 # + LigerJSD(beta=0) (Liger's fused forward-KL kernel, which writes the gradient in its forward).
 # Both materialise the (log-)probabilities in torch first: that is Liger's pipeline, and its cost.
 LIGER_PIPELINES: dict[str, LossFn] = {

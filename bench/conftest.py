@@ -27,7 +27,7 @@ def pytest_addoption(parser):
     group.addoption(
         "--targets-json",
         default=None,
-        help="write the issue-2 target measurements (test_targets.py) to this JSON file",
+        help="write the CPU target measurements (test_targets.py) to this JSON file",
     )
 
 

@@ -36,8 +36,8 @@ MODES = ("fwd", "fwd+bwd")
 IGNORE_INDEX = -100
 
 # Relative tolerances of the pre-timing check (loss, gradient) against the float64 oracle.
-# fp32: the brief's 1e-4 for everything. bf16: fastdistill does fp32 math on the bf16 inputs, so
-# its loss is still fp32-accurate; its gradient is stored in bf16 (rounding ~2^-9 = 2e-3). The
+# fp32: 1e-4 for everything. bf16: fastdistill does fp32 math on the bf16 inputs, so its loss is
+# still fp32-accurate; its gradient is stored in bf16 (rounding ~2^-9 = 2e-3). The
 # eager/compiled seed formulas compute *in* bf16 (their softmax, log and sums round at every
 # step), so they get a loose bound: the check is there to catch a wrong baseline, not to grade
 # its precision. The measured errors are recorded in extra_info either way.

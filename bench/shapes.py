@@ -4,7 +4,7 @@ Every benchmark reads its shapes from here; no file hard-codes a vocabulary size
 
 A shape is a model's vocabulary ``vocab`` (the logits' last dim) and hidden size ``hidden`` (the
 last dim of hidden states, for the cosine / hidden-state losses), plus ``rows``: the number of
-tokens (flattened batch x sequence) used on the CPU. The issue-2 target shape keeps its 2048 rows
+tokens (flattened batch x sequence) used on the CPU. The CPU target shape keeps its 2048 rows
 (65.5 M logits); the others get about 32 M logits (128 MB in fp32): far past every cache, so memory
 traffic and first-touch page faults dominate as they do in training, yet the whole CPU suite (the
 eager baseline materialises several logits-sized tensors per call, torch.compile compiles on 2
@@ -50,27 +50,27 @@ class Shape:
 
 BERT = Shape("bert", "bert-base-uncased (DistilBERT teacher)", vocab=30_522, hidden=768, rows=1024)
 GPT2 = Shape("gpt2", "GPT-2", vocab=50_257, hidden=768, rows=640)
-# The issue-2 target: "2048 rows x V=32,000" (Llama-2 / Mistral-7B vocabulary).
+# The CPU targets' shape: 2048 rows x V=32,000 (Llama-2 / Mistral-7B vocabulary).
 LLAMA2 = Shape(
-    "llama2", "Llama-2-7B / Mistral-7B (issue-2 target)", vocab=32_000, hidden=4096, rows=2048
+    "llama2", "Llama-2-7B / Mistral-7B (CPU target shape)", vocab=32_000, hidden=4096, rows=2048
 )
 LLAMA3 = Shape("llama3", "Llama-3-8B", vocab=128_256, hidden=4096, rows=256)
 GEMMA = Shape("gemma", "Gemma-2-2B", vocab=256_000, hidden=2304, rows=128)
 
 REGISTRY: dict[str, Shape] = {s.name: s for s in (BERT, GPT2, LLAMA2, LLAMA3, GEMMA)}
 
-# The shape the issue-2 targets are stated for (bench/test_targets.py).
+# The shape the CPU targets are stated for (bench/test_targets.py).
 TARGET = LLAMA2
 # Knowledge-distillation temperature used throughout (the DistilBERT default is 2.0).
 TEMPERATURE = 2.0
-# distillation_loss weights of the issue-2 target ("all three terms").
+# distillation_loss weights of the CPU targets' distillation case (all three terms).
 ALPHAS = {"alpha_kl": 5.0, "alpha_ce": 2.0, "alpha_mse": 1.0}
 
 
-# ---- GPU sizes (bench/gpu_bench.py, issue 3) --------------------------------------------------
+# ---- GPU sizes (bench/gpu_bench.py) -----------------------------------------------------------
 # The same models with the token counts of a GPU training step (tokens = batch x sequence). The
-# issue-3 "Done when" figures are stated for 16,384 x 32,000 and 8,192 x 128,256 (bf16, fwd+bwd);
-# every other model gets a step of a similar size: 0.5-1 G logits, i.e. 1-2 GB per bf16 tensor,
+# GPU targets are stated for 16,384 x 32,000 and 8,192 x 128,256 (bf16, fwd+bwd); every other
+# model gets a step of a similar size: 0.5-1 G logits, i.e. 1-2 GB per bf16 tensor,
 # far past the L2 cache (50-60 MB on an H100/H200), so the kernels run at memory speed as in
 # training, while the eager baseline's 5-8 logits-sized temporaries in fp32 (about 4 GB each at
 # 8,192 x 128,256) still fit on an 80 GB card.
@@ -79,7 +79,7 @@ GPU_ROWS = {"bert": 16_384, "gpt2": 8_192, "llama2": 16_384, "llama3": 8_192, "g
 GPU_REGISTRY: dict[str, Shape] = {
     name: replace(shape, rows=GPU_ROWS[name]) for name, shape in REGISTRY.items()
 }
-# The two shapes issue 3's bandwidth, speed-up and memory targets are stated for, and the share
+# The two shapes the GPU bandwidth, speed-up and memory targets are stated for, and the share
 # of the measured copy bandwidth kl_div fwd+bwd in bf16 must reach on each (on an H100).
 GPU_TARGETS: dict[str, float] = {"llama2": 0.85, "llama3": 0.60}
 

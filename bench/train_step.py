@@ -1,4 +1,4 @@
-"""One distillation training step, fused losses vs the seed's eager formulas (issue 4's target).
+"""One distillation training step, fused losses vs the seed's eager formulas.
 
 A BERT-vocabulary (V = 30,522) MLM student and teacher built from configs (no downloads), one
 batch, the DistilBERT loss mix (alpha_kl 5, alpha_mlm 2, alpha_cos 1, T = 2, KL over the attention

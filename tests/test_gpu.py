@@ -1,5 +1,5 @@
-"""GPU tests (issue 3): the ``triton`` and ``native`` (CUDA) backends on CUDA tensors of realistic
-size, against the float64 oracle (tests/_oracle.py's rules, DESIGN.md §5).
+"""GPU tests: the ``triton`` and ``native`` (CUDA) backends on CUDA tensors of realistic size,
+against the float64 oracle (tests/_oracle.py's rules, DESIGN.md §5).
 
 Every test is marked ``gpu`` and skips, with the reason, where there is no CUDA device (every
 development and CI machine); a backend that cannot run (the core built without CUDA kernels, no
@@ -454,8 +454,8 @@ def test_no_host_sync(gpu_backend, op):
 
 
 def test_kl_div_peak_memory_is_the_gradient(gpu_backend, crng):
-    """Issue 3: extra peak memory of kl_div forward+backward at most the gradient plus O(rows)
-    (here: + 1% of one logits tensor + 1 MiB), the gradient in the input dtype."""
+    """The GPU memory target: extra peak memory of kl_div forward+backward at most the gradient
+    plus O(rows) (here: + 1% of one logits tensor + 1 MiB), the gradient in the input dtype."""
     _require("kl_div")
     rows, V = 4096, 32_000
     s, t = crng.logits(rows, V, dtype=BF16), crng.logits(rows, V, dtype=BF16)
