@@ -1,4 +1,4 @@
-"""The one registry of benchmark shapes, taken from real models (DESIGN.md section 6).
+"""The one registry of benchmark shapes, taken from real models.
 
 Every benchmark reads its shapes from here; no file hard-codes a vocabulary size.
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Everything a GPU machine should check, in one command of at most ~10 minutes (DESIGN.md
-# section 7): build with the CUDA kernels, run the GPU tests, run the GPU benchmark.
+# Everything a GPU machine should check, in one command of at most ~10 minutes (see
+# tools/gpu/README.md): build with the CUDA kernels, run the GPU tests, run the GPU benchmark.
 #
 #   bash tools/gpu/gpu_check.sh
 #
