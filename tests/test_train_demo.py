@@ -4,6 +4,8 @@ corpus and its provenance."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,6 +26,49 @@ def test_corpus_is_shipped_with_its_source():
     assert len(text) > 500_000 and text.startswith("In the beginning God created")
     source = (demo.CORPUS_DIR / "SOURCE.md").read_text()
     assert "public domain" in source.lower() and "bible-kjv-text" in source
+
+
+def _small_corpus(path, lines=600):
+    text = [ln for ln in demo.CORPUS.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    path.write_text("\n".join(text[:lines]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_wordpiece_tokenizer_is_the_same_on_every_build(tmp_path):
+    # The trainer's hash maps are seeded per map and per process: three builds here and one in
+    # another process must write the same bytes.
+    corpus = _small_corpus(tmp_path / "train.txt")
+    builds = []
+    for i in range(3):
+        demo.build_wordpiece_tokenizer([corpus], 300, tmp_path / f"tok{i}")
+        builds.append(tmp_path / f"tok{i}")
+    code = (
+        "import sys; from fastdistill.train.demo import build_wordpiece_tokenizer as b; "
+        "b([sys.argv[1]], 300, sys.argv[2])"
+    )
+    other = tmp_path / "tok-other-process"
+    subprocess.run([sys.executable, "-c", code, str(corpus), str(other)], check=True)
+    builds.append(other)
+    names = sorted(f.name for f in builds[0].iterdir())
+    assert "tokenizer.json" in names
+    for build in builds[1:]:
+        assert sorted(f.name for f in build.iterdir()) == names
+        for name in names:
+            assert (build / name).read_bytes() == (builds[0] / name).read_bytes(), name
+
+
+def test_wordpiece_tokenizer_keeps_bert_layout(tmp_path):
+    corpus = _small_corpus(tmp_path / "train.txt")
+    tok = demo.build_wordpiece_tokenizer([corpus], 300)
+    assert len(tok) == 300
+    assert tok.convert_ids_to_tokens(list(range(5))) == demo.SPECIAL_TOKENS
+    assert (tok.pad_token_id, tok.mask_token_id) == (0, 4)
+    # Continuation pieces are ordinary tokens, not special ones.
+    assert set(tok.all_special_tokens) == set(demo.SPECIAL_TOKENS)
+    ids = tok("In the beginning God created the heaven")["input_ids"]
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == "in the beginning god created the heaven"
 
 
 def test_quick_demo_end_to_end(tmp_path):

@@ -33,24 +33,38 @@ CORPUS = CORPUS_DIR / "kjv.txt"
 # ---- tokenizers -----------------------------------------------------------------------------------
 
 
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
 def build_wordpiece_tokenizer(
     files, vocab_size: int = 4000, out_dir: str | os.PathLike | None = None
 ):
     """A lower-cased BERT-style WordPiece tokenizer trained on ``files`` ([PAD]=0, [UNK], [CLS],
-    [SEP], [MASK]); a ``transformers`` fast tokenizer, saved to ``out_dir`` if given."""
+    [SEP], [MASK]); a ``transformers`` fast tokenizer, saved to ``out_dir`` if given. The same
+    files give the same tokenizer, byte for byte, in every process."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import BertTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # The trainer numbers the "##" continuation characters in the order it meets them in a hash
+    # map (seeded at random per process) and breaks ties between equally frequent merges by
+    # those numbers, so ids and even the set of tokens changed from run to run. Numbering them
+    # beforehand (sorted, passed as special tokens) makes training deterministic; the tokenizer
+    # is then rebuilt from the trained vocabulary with only the real special tokens.
+    continuation = ["##" + c for c in _continuation_chars(files, normalizer, pre_tokenizer)]
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size,
         show_progress=False,
-        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+        special_tokens=SPECIAL_TOKENS + continuation,
     )
-    tok.train([str(f) for f in files], trainer)
+    trained = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    trained.normalizer, trained.pre_tokenizer = normalizer, pre_tokenizer
+    trained.train([str(f) for f in files], trainer)
+    tok = Tokenizer(models.WordPiece(trained.get_vocab(), unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+    tok.decoder = decoders.WordPiece()
+    tok.add_special_tokens(SPECIAL_TOKENS)
     fast = BertTokenizerFast(
         tokenizer_object=tok,
         unk_token="[UNK]",
@@ -62,6 +76,18 @@ def build_wordpiece_tokenizer(
     if out_dir is not None:
         fast.save_pretrained(out_dir)
     return fast
+
+
+def _continuation_chars(files, normalizer, pre_tokenizer) -> list[str]:
+    """The characters that occur inside a word (not first) of ``files``, sorted: those the
+    WordPiece trainer gives a "##" token. Read as the trainer reads them, line by line."""
+    chars: set[str] = set()
+    for f in files:
+        with open(f, encoding="utf-8") as lines:
+            for line in lines:
+                for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)):
+                    chars.update(word[1:])
+    return sorted(chars)
 
 
 def tiny_config(
