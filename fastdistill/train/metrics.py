@@ -89,7 +89,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def plot_metrics(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """Draw loss terms, learning rate, gradient norm and throughput over steps into a PNG."""
+    """Draw loss terms, learning rate, gradient norm and throughput over steps into a PNG, and
+    below them every held-out metric of the ``eval`` records (one panel per metric family; the
+    teacher's value of a metric, ``teacher_<name>``, dashed in its panel)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,17 +103,38 @@ def plot_metrics(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         raise ValueError(
             f"{run_dir} has no {METRICS_FILE}: is it a fastdistill-train run directory?"
         )
-    train = [r for r in read_metrics(path) if r.get("kind", "train") == "train" and "step" in r]
+    records = read_metrics(path)
+    train = [r for r in records if r.get("kind", "train") == "train" and "step" in r]
     if not train:
         raise ValueError(f"{path} holds no training records yet")
+    panels = eval_panels([r for r in records if r.get("kind") == "eval" and "step" in r])
+    columns = max(2, min(4, len(panels)))  # held-out panels per row
+    eval_rows = -(-len(panels) // columns)
+    fig = plt.figure(figsize=(11, 7 + 2.8 * eval_rows), constrained_layout=True)
+    grid = fig.add_gridspec(2 + eval_rows, 2 * columns, height_ratios=[1.3] * 2 + [1] * eval_rows)
+    half = columns  # a training panel spans half the width
+    train_axes = [
+        fig.add_subplot(grid[r, c * half : (c + 1) * half]) for r in (0, 1) for c in (0, 1)
+    ]
+    _plot_training(train_axes, train)
+    for i, (title, lines) in enumerate(panels.items()):
+        row, col = 2 + i // columns, i % columns
+        _plot_eval(fig.add_subplot(grid[row, 2 * col : 2 * col + 2]), title, lines)
+    fig.suptitle(f"fastdistill-train: {run_dir.resolve().name}")
+    out = Path(out) if out is not None else run_dir / FIGURE_FILE
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _plot_training(axes, train: list[dict[str, Any]]) -> None:
     steps = [r["step"] for r in train]
 
     def series(name):
         values = [r.get(name) for r in train]
         return [math.nan if v is None else v for v in values]
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
-    ax = axes[0][0]
+    ax = axes[0]
     for name in ("loss", "kl", "ce", "mse", "cos"):
         values = series(name)
         if any(isinstance(v, (int, float)) and v > 0 for v in values):
@@ -120,22 +143,60 @@ def plot_metrics(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         ax.set_yscale("log")
         ax.legend()
     ax.set_title("loss: weighted total and each term")
-    ax.set_xlabel("step")
-    axes[0][1].plot(steps, series("lr"))
-    axes[0][1].set_title("learning rate")
-    axes[0][1].set_xlabel("step")
-    axes[1][0].plot(steps, series("grad_norm"))
-    axes[1][0].set_title("gradient norm (before clipping)")
-    axes[1][0].set_xlabel("step")
-    ax = axes[1][1]
-    ax.plot(steps, series("tokens_per_s"))
-    ax.set_title("throughput (tokens/s)")
-    ax.set_xlabel("step")
+    for ax, name, title in zip(
+        axes[1:],
+        ("lr", "grad_norm", "tokens_per_s"),
+        ("learning rate", "gradient norm (before clipping)", "throughput (tokens/s)"),
+        strict=True,
+    ):
+        ax.plot(steps, series(name))
+        ax.set_title(title)
+    for ax in axes:
+        ax.set_xlabel("step")
     skipped = series("skipped_total")
     if skipped and skipped[-1]:
-        ax.text(0.02, 0.02, f"skipped steps: {skipped[-1]}", transform=ax.transAxes)
-    fig.suptitle(f"fastdistill-train: {run_dir.resolve().name}")
-    out = Path(out) if out is not None else run_dir / FIGURE_FILE
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+        axes[3].text(0.02, 0.02, f"skipped steps: {skipped[-1]}", transform=axes[3].transAxes)
+
+
+def eval_panels(evals: list[dict[str, Any]]) -> dict[str, dict[str, tuple[list, list]]]:
+    """The held-out metrics of ``eval`` records as ``{panel title: {metric: (steps, values)}}``.
+
+    Every number a task's ``evaluate`` returned is drawn, whatever the task. Metrics of one family
+    share a panel, the family being the last ``_`` part of the name (squad: ``exact``,
+    ``HasAns_exact``, ``best_exact`` in one panel; hidden: ``token_cosine`` and
+    ``embedding_cosine``); ``teacher_<name>`` goes into the panel of ``<name>``. A step evaluated
+    twice (a resumed run) keeps its last record."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for r in evals:
+        by_step[r["step"]] = r
+    series: dict[str, tuple[list, list]] = {}
+    for step in sorted(by_step):
+        for name, value in by_step[step].items():
+            if name in ("kind", "step", "time"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            steps, values = series.setdefault(name, ([], []))
+            steps.append(step)
+            values.append(value)
+    families: dict[str, dict[str, tuple[list, list]]] = {}
+    for name in sorted(series, key=lambda n: n.startswith("teacher_")):
+        own = name.removeprefix("teacher_") if name.startswith("teacher_") else name
+        families.setdefault(own.rsplit("_", 1)[-1], {})[name] = series[name]
+    return {
+        (next(iter(lines)) if len(lines) == 1 else f"held-out {family}"): lines
+        for family, lines in families.items()
+    }
+
+
+def _plot_eval(ax, title: str, lines: dict[str, tuple[list, list]]) -> None:
+    for name, (steps, values) in lines.items():
+        teacher = name.startswith("teacher_")
+        if teacher and len(steps) == 1:
+            # The teacher is scored once (before training): a level to compare against.
+            ax.axhline(values[0], linestyle="--", color="grey", label=name)
+        else:
+            ax.plot(steps, values, "--" if teacher else "-", marker="o", label=name)
+    ax.set_title(title if title.startswith("held-out") else f"held-out {title}")
+    ax.set_xlabel("step")
+    ax.legend(fontsize="small")
