@@ -6,7 +6,8 @@ tokenizer's full serialised form, each data file's SHA-256, the task's settings,
 version). ``meta.json`` records the recipe, the key and the SHA-256 of the arrays file, so a
 truncated or corrupted entry is detected before anything is read from it; the caller then rebuilds
 it (or, on a process told not to build, refuses with a message). An entry is written into a
-temporary directory beside it and renamed into place, so a reader never sees half of one.
+temporary directory beside it and renamed into place, so a reader never sees half of one; the
+temporary directories of killed writers are removed by the next writer.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fastdistill.train import fsutil
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +111,19 @@ def read_entry(path: Path, key: str) -> CacheEntry:
 
 
 def write_entry(path: Path, key: str, recipe: dict, arrays: dict[str, np.ndarray], **meta) -> None:
-    """Write an entry atomically (temporary directory, then one rename), replacing any old one."""
+    """Write an entry atomically (temporary directory, then one rename), replacing any old one.
+    Temporary directories left by killed writers are removed first."""
     from safetensors.numpy import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fsutil.remove_stale_tmp(path.parent)
+        tmp = fsutil.make_tmp_dir(path.parent, f"{path.name}-")
+    except OSError as exc:
+        raise ValueError(
+            f"cannot write the token cache in {path.parent} ({exc.strerror or exc}): set "
+            "--cache-dir (or $FASTDISTILL_CACHE) to a writable directory"
+        ) from None
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / ARRAYS_FILE))
         record = {"key": key, "recipe": recipe, "sha256": file_sha256(tmp / ARRAYS_FILE), **meta}

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from fastdistill.train.flags import add_config_arguments, config_from_args
 
@@ -80,7 +81,7 @@ def _setup_logging() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _attach_negative_numbers(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -94,14 +95,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         cfg = config_from_args(args)
         if args.print_config:
-            import yaml
+            return _print_config(cfg)
+        import torch
 
-            print(yaml.safe_dump(cfg.resolved().to_dict(), sort_keys=False), end="")
-            return 0
+        from fastdistill.train.runtime import choose_threads
         from fastdistill.train.trainer import train
 
+        torch.set_num_threads(choose_threads(cfg.num_threads))
         summary = train(cfg)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # bad input; OSError: a path the checks did not foresee
         print(f"fastdistill-train: error: {exc}", file=sys.stderr)
         return 2
     except TrainingError as exc:
@@ -111,23 +113,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fastdistill-train: interrupted", file=sys.stderr)
         return 130
     if int(os.environ.get("RANK", "0")) == 0:
-        print(
-            json.dumps(
-                {
-                    k: summary[k]
-                    for k in (
-                        "steps",
-                        "skipped_steps",
-                        "eval_before",
-                        "eval_after",
-                        "eval",
-                        "figure",
-                    )
-                    if k in summary
-                },
-                indent=1,
-            )
-        )
+        keys = ("steps", "skipped_steps", "eval_before", "eval_after", "eval", "figure")
+        print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=1))
+    return 0
+
+
+def _attach_negative_numbers(argv: list[str]) -> list[str]:
+    """``--flag -1e-3`` → ``--flag=-1e-3``: argparse takes a token like ``-1e-3`` for an option
+    and reports "expected one argument" instead of letting validation name the bad value."""
+    out: list[str] = []
+    for token in argv:
+        prev = out[-1] if out else ""
+        if prev.startswith("--") and "=" not in prev and token.startswith("-") and _number(token):
+            out[-1] = f"{prev}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+def _number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def _print_config(cfg) -> int:
+    """The resolved configuration as YAML. Without data files, a template to fill in: every key
+    with its default, after a comment saying what is missing. Other errors are errors."""
+    import yaml
+
+    if not cfg.train_files and not cfg.do_eval:
+        print("# a template: set train_files (and teacher, or student_config and tokenizer)")
+        data = cfg.to_dict()
+    else:
+        data = cfg.resolved().to_dict()
+    print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), end="")
     return 0
 
 
@@ -159,6 +181,14 @@ def report_arguments(parser: argparse.ArgumentParser) -> None:
 def report_run(args: argparse.Namespace) -> int:
     from fastdistill.train.metrics import METRICS_FILE, plot_metrics, read_metrics
 
+    runs = sorted(str(p.parent) for p in Path(args.run_dir).glob(f"*/{METRICS_FILE}"))
+    if not os.path.isfile(os.path.join(args.run_dir, METRICS_FILE)) and runs:
+        print(
+            f"fastdistill report: error: {args.run_dir} holds runs, not a run: report one of "
+            f"{', '.join(runs)}",
+            file=sys.stderr,
+        )
+        return 1
     try:
         path = plot_metrics(args.run_dir, args.output)
     except ValueError as exc:

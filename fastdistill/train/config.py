@@ -24,7 +24,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastdistill.train import fields
+from fastdistill.train import fields, fsutil
 from fastdistill.train.fields import option
 
 MIXED_PRECISION = ("none", "bf16", "fp16")
@@ -167,6 +167,12 @@ class TrainConfig:
         False,
         "evaluate --student-pretrained (a final/ directory or a checkpoint) on --eval-files "
         "without training; results in OUTPUT_DIR/eval_results.json (squad: and OUTPUT_DIR/eval/)",
+    )
+    num_threads: int | None = option(
+        None,
+        "CPU threads per process (default on the command line: the cores other processes are "
+        "not using, by the load average at the start, shared among this machine's processes of "
+        "the job; from Python: torch's current setting)",
     )
     device: str = option(
         "auto", "auto | cpu | cuda (with torchrun: the local rank's GPU)", choices=DEVICES
@@ -322,17 +328,26 @@ def options_owner(task, f: dataclasses.Field) -> type:
 
 
 def load_mapping(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping in a ``.yaml``/``.yml`` or ``.json`` config file; ``ValueError`` naming the file
+    (and the line, for a syntax error) when it cannot be read."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        data = yaml.safe_load(text)
-    elif path.endswith(".json"):
-        data = json.loads(text)
-    else:
+    if not path.endswith((".yaml", ".yml", ".json")):
         raise ValueError(f"{path}: config files must end in .yaml, .yml or .json")
+    text = fsutil.read_text(path, "config file")
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except Exception as exc:  # yaml.YAMLError: the problem and its line
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or exc
+        raise ValueError(f"{path}: not valid YAML ({problem}{where})") from None
     return {} if data is None else data
 
 
@@ -360,6 +375,8 @@ def _validate_numbers(c: TrainConfig) -> None:
         ),
     )
     fields.unit("warmup_ratio", c.warmup_ratio)
+    if c.num_threads is not None:
+        fields.positive_int("num_threads", c.num_threads)
     for name in ("adam_beta1", "adam_beta2"):
         v = getattr(c, name)
         if not (0 <= v < 1):

@@ -40,18 +40,26 @@ class IntervalStats:
         self.consecutive = torch.where(ok, 0.0, self.consecutive + 1)
         self.max_consecutive = torch.maximum(self.max_consecutive, self.consecutive)
 
-    def read(self, world: int) -> dict[str, Any]:
+    def read(self, world: int, *, params_ok: torch.Tensor) -> dict[str, Any]:
         """The interval's means and counters (one host sync), and a reset for the next one.
         Keys: loss and each loss term, grad_norm (means over the finite steps, NaN when none was),
-        n_ok, n_skipped, max_consecutive, consecutive_now, tokens_per_s."""
+        n_ok, n_skipped, max_consecutive, consecutive_now, tokens_per_s, and params_ok (the
+        0-dim bool ``params_ok``, read in the same sync)."""
         if world > 1:  # each process holds its share of the step means: sum them
             dist.all_reduce(self.terms)
         extra = torch.stack(
-            [self.grad_norm, self.ok, self.skipped, self.max_consecutive, self.consecutive]
+            [
+                self.grad_norm,
+                self.ok,
+                self.skipped,
+                self.max_consecutive,
+                self.consecutive,
+                params_ok.to(self.ok.dtype),
+            ]
         )
         values = torch.cat([self.terms, extra]).tolist()
         n = len(self.terms)
-        gnorm, n_ok, n_skip, max_consec, consec_now = values[n:]
+        gnorm, n_ok, n_skip, max_consec, consec_now, p_ok = values[n:]
         d = n_ok if n_ok > 0 else math.nan
         now = time.perf_counter()
         out = {name: v / d for name, v in zip(("loss", *LOSS_TERMS), values[:n], strict=True)}
@@ -61,6 +69,7 @@ class IntervalStats:
             n_skipped=int(n_skip),
             max_consecutive=int(max_consec),
             consecutive_now=int(consec_now),
+            params_ok=bool(p_ok),
             tokens_per_s=self.tokens / max(now - self.start, 1e-9),
         )
         for t in (self.terms, self.grad_norm, self.ok, self.skipped, self.max_consecutive):

@@ -2,7 +2,7 @@
 
 Initialising from the teacher (the DistilBERT recipe) builds the teacher's architecture with fewer
 layers and copies the embeddings, the chosen subset of transformer layers (in order) and everything
-after them (final LayerNorm, pooler, LM head) by parameter name. The seed's extraction scripts did
+after them (final LayerNorm, pooler, LM head) by parameter name. The DistilBERT extraction scripts did
 the same by hand for BERT/RoBERTa → DistilBERT and GPT-2; here one table of per-family layer
 prefixes covers them.
 """

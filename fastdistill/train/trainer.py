@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -38,6 +39,7 @@ from torch import nn
 
 from fastdistill import losses as FL
 from fastdistill.train import checkpoint as ckpt
+from fastdistill.train import fsutil, loading, rundir
 from fastdistill.train.batching import BatchPlan
 from fastdistill.train.config import TrainConfig
 from fastdistill.train.interval import IntervalStats, finite_or_none
@@ -70,6 +72,13 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None)
     cfg = cfg.resolved()
     transformers.utils.logging.disable_progress_bar()  # no per-save "Writing model shards" bars
     procs = Processes.from_env()
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    log.info(
+        "%d CPU thread(s) per process (OMP_WAIT_POLICY=%s)",
+        torch.get_num_threads(),
+        os.environ.get("OMP_WAIT_POLICY", "unset"),
+    )
     with process_group(procs, cfg.device):
         trainer = Trainer(cfg, procs, on_step_end)
         return trainer.evaluate_only() if cfg.do_eval else trainer.fit()
@@ -89,30 +98,54 @@ class Trainer:
     # ---- phases ------------------------------------------------------------------------------------
 
     def _setup_run_dir(self) -> None:
-        """Resume from the latest checkpoint, or start afresh (refusing to mix two runs)."""
-        cfg, run_dir = self.cfg, self.run_dir
-        self.resume_from = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
-        if cfg.resume and self.resume_from is None:
-            raise ValueError(f"--resume: {run_dir} holds no checkpoint to resume from")
-        fresh = not cfg.resume and not cfg.do_eval
-        if fresh and not cfg.overwrite_output_dir and ckpt.latest_checkpoint(run_dir) is not None:
-            raise ValueError(
-                f"{run_dir} already holds checkpoints: pass --resume to continue that run or "
-                "--overwrite-output-dir to start a new one there"
-            )
-        if fresh and self.procs.is_main and ckpt.checkpoint_root(run_dir).exists():
-            # --overwrite-output-dir: a new run must not mix its checkpoints with the old run's.
-            shutil.rmtree(ckpt.checkpoint_root(run_dir))
+        """Refuse to write over files that are not the run's; resume from the newest intact
+        checkpoint (with the same settings), or start afresh (refusing to mix two runs)."""
+        cfg, run_dir, main = self.cfg, self.run_dir, self.procs.is_main
+        rundir.check_output_dir(cfg)
+        if main and not cfg.do_eval:
+            rundir.mark_run_dir(run_dir)
+            ckpt.remove_leftovers(run_dir)
+        self.resume_from, self.state = None, {}
+        if cfg.resume:
+            found = ckpt.resume_checkpoint(run_dir)
+            if found is None:
+                raise ValueError(f"--resume: {run_dir} holds no checkpoint to resume from")
+            self.resume_from, self.state = found
+            rundir.check_resume_config(self.state["config"], cfg.to_dict(), self.resume_from)
+            log.info("resuming from step %d (%s)", self.state["step"], self.resume_from)
+        elif not cfg.do_eval and ckpt.has_checkpoints(run_dir):
+            if not cfg.overwrite_output_dir:
+                raise ValueError(
+                    f"{run_dir} already holds checkpoints: pass --resume to continue that run or "
+                    "--overwrite-output-dir to start a new one there"
+                )
+            if main:  # a new run must not mix its checkpoints with the old run's
+                shutil.rmtree(ckpt.checkpoint_root(run_dir))
         self.procs.barrier()
-        self.state = ckpt.load_trainer_state(self.resume_from) if self.resume_from else {}
 
     def _setup_models(self) -> None:
         cfg, task = self.cfg, self.task
+        for key in ("teacher", "student_pretrained", "student_config", "tokenizer"):
+            loading.check_path("--" + key.replace("_", "-"), getattr(cfg, key))
         student_dir = model_dir(cfg.student_pretrained) if cfg.student_pretrained else None
-        self.tokenizer = task.load_tokenizer(cfg.tokenizer or cfg.teacher or student_dir)
-        self.teacher = task.load_teacher(cfg.teacher) if cfg.teacher is not None else None
-        self.student = task.build_student(self.teacher, self.resume_from)
+        tok_path = cfg.tokenizer or cfg.teacher or student_dir
+        loading.check_tokenizer_dir(tok_path)
+        self.tokenizer = loading.load("tokenizer", tok_path, lambda: task.load_tokenizer(tok_path))
+        self.teacher = None
+        if cfg.teacher is not None:
+            self.teacher = loading.load(
+                "teacher", cfg.teacher, lambda: task.load_teacher(cfg.teacher)
+            )
+        where = self.resume_from or cfg.student_pretrained or cfg.student_config or cfg.teacher
+        self.student = loading.load(
+            "student", where, lambda: task.build_student(self.teacher, self.resume_from)
+        )
         task.check_models(self.tokenizer, self.student, self.teacher)
+        if not bool(FL.all_finite(*self.student.parameters())):
+            raise ValueError(
+                f"the student's parameters are not finite before training (built from {where}): "
+                "fix or replace that model"
+            )
 
     def _setup_data(self) -> None:
         """Rank 0 tokenises and caches; the other ranks then read the cache."""
@@ -208,7 +241,8 @@ class Trainer:
         )
         self.stats = IntervalStats(self.device)
         self.pbar = None
-        if is_main and cfg.progress_bar:
+        # A redrawn bar only on a terminal; in a log file, the log lines of each interval.
+        if is_main and cfg.progress_bar and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self.pbar = tqdm(
@@ -328,11 +362,13 @@ class Trainer:
     def _end_of_interval(self) -> None:
         """The one host sync per log interval: log, stop a run going bad, evaluate, checkpoint."""
         cfg, step = self.cfg, self.step
-        values = self.stats.read(self.procs.world)
+        values = self.stats.read(self.procs.world, params_ok=FL.all_finite(*self.params))
         self.skipped_total += values["n_skipped"]
         self._log_interval(values)
         if values["max_consecutive"] >= cfg.max_consecutive_skips:
             raise self._too_many_skips(values["max_consecutive"])
+        if not values["params_ok"]:
+            raise self._stopped("the student's parameters are no longer finite (NaN or inf)")
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < self.total_steps:
             metrics = self._evaluate(step, score_teacher=False)
             if self.metrics is not None and metrics:
@@ -372,14 +408,35 @@ class Trainer:
             log.info("step %d/%d %s", self.step, self.total_steps, _fmt(record))
 
     def _too_many_skips(self, consecutive: int) -> TrainingError:
-        last = ckpt.latest_checkpoint(self.run_dir)
-        where = f"Last good checkpoint: {last}" if last else "No checkpoint was written yet."
-        return TrainingError(
+        return self._stopped(
             f"{consecutive} consecutive optimizer steps had a non-finite loss or gradient "
-            f"(limit --max-consecutive-skips {self.cfg.max_consecutive_skips}); stopped at step "
-            f"{self.step}. {where} Lower the learning rate, check the data and the teacher, or "
-            "use bf16 instead of fp16."
+            f"(limit --max-consecutive-skips {self.cfg.max_consecutive_skips})"
         )
+
+    def _stopped(self, why: str) -> TrainingError:
+        """The error that ends a run going bad: why, where, the last good state, what to try."""
+        last = ckpt.latest_checkpoint(self.run_dir)
+        where = f"Last good checkpoint: {last}." if last else "No checkpoint was written."
+        return TrainingError(
+            f"{why}; stopped at step {self.step}, nothing saved after it. {where} Lower the "
+            "learning rate, check the data, the teacher and the optimizer state, or use bf16 "
+            "instead of fp16."
+        )
+
+    def _check_end_state(self) -> None:
+        """Never end green with a wrong model: refuse to save non-finite parameters or a run in
+        which every step was skipped; say when the last steps were skipped."""
+        if self.step > 0 and self.skipped_total >= self.step:
+            raise self._stopped(f"every one of the {self.step} optimizer steps was skipped")
+        if not bool(FL.all_finite(*self.params)):
+            raise self._stopped("the student's parameters are not finite (NaN or inf)")
+        streak = int(self.stats.consecutive)
+        if streak:
+            log.warning(
+                "the last %d optimizer step(s) were skipped (non-finite loss or gradient): the "
+                "saved model is the state before them",
+                streak,
+            )
 
     # ---- checkpoints and evaluation ----------------------------------------------------------------
 
@@ -428,7 +485,8 @@ class Trainer:
         return values
 
     def _finish(self) -> dict[str, Any]:
-        """The end: checkpoint, final model, evaluation, figure, summary."""
+        """The end: checks, checkpoint, final model, evaluation, figure, summary."""
+        self._check_end_state()
         self._save()
         summary = self.summary
         summary["eval_after"] = self._evaluate(self.step, score_teacher=False)
@@ -447,7 +505,7 @@ class Trainer:
             if summary["eval_after"]:
                 log.info("held-out after: %s", _fmt(summary["eval_after"]))
             summary["figure"] = str(plot_metrics(self.run_dir))
-            ckpt.write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+            fsutil.write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         self.procs.barrier()
         return summary
 
@@ -459,7 +517,7 @@ class Trainer:
         if self.procs.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             text = json.dumps(summary, indent=1)
-            ckpt.write_text_atomic(self.run_dir / "eval_results.json", text)
+            fsutil.write_text_atomic(self.run_dir / "eval_results.json", text)
             log.info("held-out: %s", _fmt(values))
         self.procs.barrier()
         return summary

@@ -155,6 +155,14 @@ class Task:
                 raise ValueError(
                     f"the {name}'s vocabulary ({v}) is smaller than the tokenizer's ({vocab})"
                 )
+            # Models pad their vocabulary a little beyond the tokenizer's (to a multiple of 64,
+            # say), never to twice its size: a far smaller tokenizer is the wrong one.
+            if v is not None and vocab < v / 2:
+                raise ValueError(
+                    f"the tokenizer has {vocab} tokens but the {name}'s vocabulary has {v}: "
+                    "the tokenizer does not belong to the model (give the right one with "
+                    "--tokenizer)"
+                )
             positions = getattr(m.config, "max_position_embeddings", None)
             if isinstance(positions, int) and positions < self.cfg.max_length:
                 raise ValueError(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fastdistill.train import cache
+from fastdistill.train import cache, fsutil
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,7 @@ def tokenize_files(
     stats = {"lines": 0, "split": 0, "too_short": 0, "unknown": 0}
     seqs: list[np.ndarray] = []
     for path in files:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.strip() for line in f]
+        lines = [line.strip() for line in fsutil.read_text(path, "data file").splitlines()]
         lines = [line for line in lines if line]
         stats["lines"] += len(lines)
         for start in range(0, len(lines), 4096):
@@ -188,7 +187,7 @@ def load_or_build(
 
 
 class MLMMasker:
-    """The seed's masking, per sequence: choose ``round(p × #maskable)`` (≥ 1) positions without
+    """The DistilBERT scripts' masking, per sequence: choose ``round(p × #maskable)`` (≥ 1) positions without
     replacement with probability ∝ count(token)^-smoothing (rare tokens more often; special and
     padding tokens never), then 80% → mask token, 10% → random non-special token, 10% kept."""
 
@@ -224,7 +223,7 @@ class MLMMasker:
 
     def _count(self, n):
         """Predictions for ``n`` maskable tokens: round(p·n), at least 1 — unbiased on average (the
-        seed's ceil over a whole batch rounds once per batch; per sequence, ceil would add ~1%)."""
+        DistilBERT scripts' ceil over a whole batch rounds once per batch; per sequence, ceil would add ~1%)."""
         return np.where(
             n > 0, np.maximum(np.floor(self.mask_prob * np.asarray(n) + 0.5), 1), 0
         ).astype(np.int64)

@@ -6,12 +6,12 @@ For each question, over all its windows:
   and window gives token i its maximal context (so overlapping windows do not both propose it);
   its score is ``start_logits[i] + end_logits[j]``, its text the context characters from the start
   of token i to the end of token j (the fast tokenizer's offsets; no re-alignment needed);
-* each window contributes its ``n_best_size`` best valid spans (all of them are scored: the seed's
+* each window contributes its ``n_best_size`` best valid spans (all of them are scored: the DistilBERT script's
   shortcut of pairing the 20 best starts with the 20 best ends can miss valid spans); the union is
   sorted by score, spans with a text already seen dropped, and the best ``n_best_size`` kept;
 * SQuAD v2.0: the no-answer score is the smallest ``start_logits[CLS] + end_logits[CLS]`` over the
   windows; ``null_odds`` = no-answer score − best span's score, and the prediction is "" when it
-  exceeds ``null_score_diff_threshold`` (the seed's rule; ``null_odds.json`` is what the official
+  exceeds ``null_score_diff_threshold`` (the DistilBERT script's rule; ``null_odds.json`` is what the official
   v2.0 script takes as ``--na-prob-file``). The no-answer entry ("") is part of the n-best list;
 * the n-best list carries each entry's probability: a softmax over the listed scores.
 

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fastdistill.train import fsutil
+
 # ---- examples -----------------------------------------------------------------------------------
 
 
@@ -43,8 +45,7 @@ def read_squad(path: str | os.PathLike) -> SquadFile:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"SQuAD file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = fsutil.read_text(path, "SQuAD file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
