@@ -350,3 +350,36 @@ def _dead_pid() -> int:
         text=True,
     )
     return int(proc.stdout)
+
+
+def test_killed_at_any_point_resumes_to_the_same_weights(inp, tmp_path):
+    """SIGKILL inside checkpoint writes, between a rename and the marker, during the final
+    evaluation and at random moments; after each kill ``latest`` names an intact checkpoint, and
+    the resumed run ends with the bit-identical weights of a run never interrupted."""
+    import multiprocessing as mp
+
+    from _faults import run_and_die
+
+    common = dict(max_steps=8, num_threads=1, keep_checkpoints=2)
+    whole = tmp_path / "whole"
+    train(_cfg(inp, whole, **common))
+    out = tmp_path / "run"
+    faults = [("seal", 2), ("step", 5), ("marker", 1), ("timer", 1), ("final_eval", 1)]
+    faults += [("seal", 1), ("timer", 2)]  # re-saving the finished run's last step, then random
+    ctx = mp.get_context("spawn")
+    for i, (point, n) in enumerate(faults):
+        config = _flat(inp, out, resume=i > 0 and ckpt.has_checkpoints(out), **common)
+        child = ctx.Process(target=run_and_die, args=(config, point, n))
+        child.start()
+        child.join(timeout=300)
+        latest = ckpt.latest_checkpoint(out)
+        if latest is not None:
+            assert ckpt.verify_checkpoint(latest)["step"] > 0, (point, n)
+        # Every planned fault fires; a random one may come after the run finished.
+        assert child.exitcode == -9 or (point == "timer" and child.exitcode == 0), (point, n)
+    train(_cfg(inp, out, resume=True, **common))
+    a = load_file(str(whole / "final" / "model.safetensors"))
+    b = load_file(str(out / "final" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not list(ckpt.checkpoint_root(out).glob(".tmp-*"))
