@@ -201,8 +201,17 @@ PYBIND11_MODULE(_C, m) {
          int64_t cols, int dtype, float temperature, int64_t ignore_index, bool use_kl,
          bool use_ce, bool use_mse, float w_kl, float w_ce, float w_mse, int norm_kl,
          int norm_ce, int norm_mse, std::uintptr_t row_kl, std::uintptr_t row_ce,
-         std::uintptr_t row_mse, std::uintptr_t out, std::uintptr_t grad, int num_threads) {
+         std::uintptr_t row_mse, std::uintptr_t out, std::uintptr_t grad, int num_threads,
+         int divergence, float beta, float one_minus_beta, bool t2_scale, float logit_scale,
+         float softcap, double normalizer) {
         FusedLogitsArgs a;
+        a.divergence = divergence;
+        a.beta = beta;
+        a.one_minus_beta = one_minus_beta;
+        a.t2_scale = t2_scale;
+        a.logit_scale = logit_scale;
+        a.softcap = softcap;
+        a.normalizer = normalizer;
         a.student = ptr<void>(student);
         a.student_row_stride = student_row_stride;
         a.teacher = ptr<void>(teacher);
@@ -237,7 +246,12 @@ PYBIND11_MODULE(_C, m) {
       py::arg("use_kl"), py::arg("use_ce"), py::arg("use_mse"), py::arg("w_kl"),
       py::arg("w_ce"), py::arg("w_mse"), py::arg("norm_kl"), py::arg("norm_ce"),
       py::arg("norm_mse"), py::arg("row_kl"), py::arg("row_ce"), py::arg("row_mse"),
-      py::arg("out"), py::arg("grad"), py::arg("num_threads"));
+      py::arg("out"), py::arg("grad"), py::arg("num_threads"),
+      // The divergence term and logit transforms (csrc/cpu/kernels.h); the defaults are
+      // T^2 forward KL on untransformed logits.
+      py::arg("divergence") = 0, py::arg("beta") = 0.5f, py::arg("one_minus_beta") = 0.5f,
+      py::arg("t2_scale") = true, py::arg("logit_scale") = 1.0f, py::arg("softcap") = 0.0f,
+      py::arg("normalizer") = 1.0);
 
   m.def(
       "cosine",

@@ -24,6 +24,11 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NORM_SUM = 0
 NORM_ROWS = 1
 NORM_ROWS_COLS = 2
+NORM_GIVEN = 3
+
+# Divergence codes, csrc/cpu/kernels.h (enum Divergence).
+FORWARD_KL = 0
+DIVERGENCE_CODES = {"forward_kl": FORWARD_KL, "reverse_kl": 1, "jsd": 2, "tvd": 3}
 
 
 def available() -> bool:

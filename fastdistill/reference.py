@@ -15,6 +15,8 @@ receives a gradient. The conventions shared by all ops:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -73,6 +75,136 @@ def kl_div_loss(
     s, t = select_rows(student_logits, mask), select_rows(teacher_logits, mask)
     row = kl_div_rows(s, t, temperature)
     return reduce_rows(row, mask, reduction, student_logits.shape[-1])
+
+
+# ---- LLM divergences (reverse KL, JSD(beta), TVD) and their shared options --------------------
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+
+
+def transform_logits(x: Tensor, logit_scale: float = 1.0, softcap: float | None = None) -> Tensor:
+    """The model-side logit transforms, applied before the temperature: ``x * logit_scale``, then
+    ``softcap * tanh(x / softcap)`` (Gemma-style final-logit softcapping) when ``softcap`` is set."""
+    if logit_scale != 1.0:
+        x = x * logit_scale
+    if softcap:
+        x = softcap * torch.tanh(x / softcap)
+    return x
+
+
+def common_vocab(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Both logits restricted to their first min(Vs, Vt) columns (views, never padded)."""
+    v = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    return student_logits[..., :v], teacher_logits[..., :v]
+
+
+def token_selection(mask: Tensor | None, labels: Tensor | None, ignore_index: int):
+    """The selected tokens: ``mask`` and/or ``labels != ignore_index`` (None: every token)."""
+    selected = None if labels is None else labels != ignore_index
+    if mask is not None:
+        selected = mask if selected is None else selected & mask
+    return selected
+
+
+def _masked(x: Tensor, zero: Tensor) -> Tensor:
+    # where() on the inputs as well as the output: the backward of p * (a - b) at p = 0 with an
+    # infinite a - b would be 0 * inf = NaN even though the forward where() discards the product.
+    return torch.where(zero, 0.0, x)
+
+
+def divergence_rows(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    divergence: str,
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+) -> Tensor:
+    """Per-row divergence between p_s = softmax(s/T) and p_t = softmax(t/T) (no T² factor).
+
+    forward_kl: KL(p_t ‖ p_s) = Σ p_t (log p_t − log p_s);  reverse_kl: KL(p_s ‖ p_t);
+    jsd: β KL(p_t ‖ M) + (1 − β) KL(p_s ‖ M) with M = β p_t + (1 − β) p_s, log M formed in log
+    space; β = 0 is forward_kl and β = 1 reverse_kl exactly (the TRL/Liger convention);
+    tvd: ½ Σ |p_t − p_s|. A zero probability contributes 0 whatever the other side's log-probability.
+    """
+    t = teacher_logits.detach()
+    ls = torch.log_softmax(student_logits / temperature, dim=-1)
+    lt = torch.log_softmax(t / temperature, dim=-1)
+    ps, pt = ls.exp(), lt.exp()
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    # `p == 0`, not `p > 0`: NaN must stay NaN.
+    zs, zt = ps == 0, pt == 0
+    if divergence == "forward_kl":
+        elem = torch.where(zt, 0.0, pt * (_masked(lt, zt) - _masked(ls, zt)))
+    elif divergence == "reverse_kl":
+        elem = torch.where(zs, 0.0, ps * (_masked(ls, zs) - _masked(lt, zs)))
+    elif divergence == "jsd":
+        # (Columns where both sides are -inf enter the logsumexp as 0: its backward would
+        # produce NaN there, and their terms are 0 anyway.)
+        both = zs & zt
+        lt_m, ls_m = _masked(lt, both), _masked(ls, both)
+        log_m = torch.logsumexp(torch.stack([lt_m + math.log(beta), ls_m + math.log1p(-beta)]), 0)
+        kl_t = torch.where(zt, 0.0, pt * (_masked(lt, zt) - _masked(log_m, zt)))
+        kl_s = torch.where(zs, 0.0, ps * (_masked(ls, zs) - _masked(log_m, zs)))
+        # Each column's β·kl_t + (1 − β)·kl_s is >= 0 (log-sum inequality); clamp its rounding.
+        elem = (beta * kl_t + (1.0 - beta) * kl_s).clamp_min(0.0)
+    elif divergence == "tvd":
+        elem = 0.5 * (ps - pt).abs()
+    else:
+        raise ValueError(f"unknown divergence {divergence!r}")
+    return elem.sum(-1)
+
+
+def divergence_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    divergence: str,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    t2_scale: bool = False,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    normalizer: float | Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    vocab: str = "same",
+) -> Tensor:
+    """``divergence`` per selected token (times T² with ``t2_scale``), reduced: ``batchmean``
+    (sum / #selected, or sum / ``normalizer`` when given), ``sum``, ``none``. ``vocab="common"``:
+    both sides restricted to their first min(Vs, Vt) columns."""
+    if vocab == "common":
+        student_logits, teacher_logits = common_vocab(student_logits, teacher_logits)
+    selected = token_selection(mask, labels, ignore_index)
+    s = transform_logits(select_rows(student_logits, selected), logit_scale, softcap)
+    t = transform_logits(select_rows(teacher_logits, selected), logit_scale, softcap)
+    row = divergence_rows(s, t, divergence, temperature=temperature, beta=beta)
+    if t2_scale:
+        row = row * (temperature * temperature)
+    if normalizer is not None and reduction == "batchmean":
+        total = reduce_rows(row, selected, "sum", s.shape[-1])
+        return total / (
+            normalizer.to(total.dtype) if isinstance(normalizer, Tensor) else normalizer
+        )
+    return reduce_rows(row, selected, reduction, s.shape[-1])
+
+
+def reverse_kl_loss(student_logits: Tensor, teacher_logits: Tensor, **kw) -> Tensor:
+    """KL(student ‖ teacher) = Σ p_s (log p_s − log p_t); options as ``divergence_loss``."""
+    return divergence_loss(student_logits, teacher_logits, "reverse_kl", **kw)
+
+
+def jsd_loss(student_logits: Tensor, teacher_logits: Tensor, *, beta: float = 0.5, **kw) -> Tensor:
+    """Generalised JSD(β) = β KL(p_t ‖ M) + (1 − β) KL(p_s ‖ M), M = β p_t + (1 − β) p_s."""
+    return divergence_loss(student_logits, teacher_logits, "jsd", beta=beta, **kw)
+
+
+def tvd_loss(student_logits: Tensor, teacher_logits: Tensor, **kw) -> Tensor:
+    """Total variation distance ½ Σ |p_t − p_s|; options as ``divergence_loss``."""
+    return divergence_loss(student_logits, teacher_logits, "tvd", **kw)
 
 
 def mse_rows(student: Tensor, teacher: Tensor) -> Tensor:
@@ -139,13 +271,23 @@ def distillation_loss(
     alpha_ce: float = 0.0,
     alpha_mse: float = 0.0,
     ignore_index: int = -100,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    t2_scale: bool = True,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    vocab: str = "same",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """alpha_kl · kl + alpha_ce · ce + alpha_mse · mse and the three (detached) components.
 
-    kl: ``kl_div_loss(batchmean)`` over rows selected by ``mask``; ce: ``cross_entropy(mean)`` over
-    rows with ``labels != ignore_index`` (0 without labels); mse: ``mse_loss(batchmean)`` over the
-    rows selected by ``mask`` (the seed's ``MSELoss(sum) / #rows``). A term whose alpha is 0 is
-    not computed and its component is 0, so an unused MSE of ``-inf`` logits cannot poison the total.
+    kl: the ``divergence`` (default forward KL, ``kl_div_loss``; times T² with ``t2_scale``),
+    batchmean over rows selected by ``mask``; ce: ``cross_entropy(mean)`` over rows with
+    ``labels != ignore_index`` (0 without labels); mse: ``mse_loss(batchmean)`` over the rows
+    selected by ``mask`` (the seed's ``MSELoss(sum) / #rows``). ``logit_scale``/``softcap`` transform
+    the logits every term sees; ``vocab="common"`` takes the divergence over the first
+    min(Vs, Vt) columns and the CE over the student's whole vocabulary (no MSE then). A term whose
+    alpha is 0 is not computed and its component is 0, so an unused MSE of ``-inf`` logits cannot
+    poison the total.
     """
     zero = torch.zeros(
         (),
@@ -155,15 +297,29 @@ def distillation_loss(
     kl = ce = mse = zero
     total = zero
     if alpha_kl > 0:
-        kl = kl_div_loss(student_logits, teacher_logits, temperature=temperature, mask=mask)
+        kl = divergence_loss(
+            student_logits,
+            teacher_logits,
+            divergence,
+            beta=beta,
+            temperature=temperature,
+            t2_scale=t2_scale,
+            mask=mask,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            vocab=vocab,
+        )
         total = total + alpha_kl * kl
     if alpha_ce > 0:
         if labels is None:
             raise ValueError("alpha_ce > 0 needs labels")
-        ce = cross_entropy(student_logits, labels, ignore_index=ignore_index)
+        x = transform_logits(student_logits, logit_scale, softcap)
+        ce = cross_entropy(x, labels, ignore_index=ignore_index)
         total = total + alpha_ce * ce
     if alpha_mse > 0:
-        mse = mse_loss(student_logits, teacher_logits, mask=mask)
+        s = transform_logits(student_logits, logit_scale, softcap)
+        t = transform_logits(teacher_logits, logit_scale, softcap)
+        mse = mse_loss(s, t, mask=mask)
         total = total + alpha_mse * mse
     return total, kl.detach(), ce.detach(), mse.detach()
 

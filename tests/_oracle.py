@@ -261,6 +261,7 @@ def check(
     expected: tuple[Tensor, Tensor] | None = None,
     loss_atol: float = 1e-10,
     grad_atol: float = 1e-10,
+    grad_rtol: float = GRAD_RTOL,
 ) -> tuple[Tensor, Tensor]:
     """Run ``fn`` on ``view(student)`` with ``grad_out`` and compare loss and gradient with the
     float64 oracle (computed here unless ``expected`` is given). Returns the oracle."""
@@ -277,6 +278,7 @@ def check(
         ref_grad,
         student.dtype,
         what=what,
+        rtol=grad_rtol,
         atol=grad_atol,
         scale=leaf_scale(student, grad_out, view),
     )

@@ -229,9 +229,26 @@ float pass3_portable(const T* s, const T* t, const Pass3Args& p, int64_t j0, int
 #define FD_BLOCK 256
 #endif
 
+#include "cpu/divergences.h"
+
 namespace fastdistill {
 namespace FD_ISA {
 namespace {
+
+// n fp32 gradient values from an L1 tile to a gradient row in its dtype (streaming stores where
+// the ISA has them).
+template <typename T>
+void write_grad_block(T* dst, const float* tile, int64_t n) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  flush_tile_avx512(dst, tile, n);
+#elif FD_STREAM_STORES
+  alignas(64) T bits[FD_BLOCK];
+  for (int64_t j = 0; j < n; ++j) store(bits, j, tile[j]);
+  stream_copy(dst, bits, n * static_cast<int64_t>(sizeof(T)));
+#else
+  for (int64_t j = 0; j < n; ++j) store(dst, j, tile[j]);
+#endif
+}
 
 // One row with the terms KL/CE/MSE switched on at compile time. Returns the unnormalised row
 // values and, if g != nullptr, writes w.kl*(p_s - p_t) + w.ce*(p1 - onehot) + w.mse*(s - t)
@@ -239,7 +256,7 @@ namespace {
 // that follows, prefetched during this one (null: none).
 template <typename T, bool KL, bool CE, bool MSE>
 RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t label, RowWeights w,
-                      T* g, const T* next_s, const T* next_t) {
+                      T* g, const T* next_s, const T* next_t, bool t2 = true) {
   RowResult res;
   // Rows whose softmax is undefined propagate NaN (the reference gives NaN too), never hide it.
   auto nan_row = [&] {
@@ -409,8 +426,236 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
 #if FD_STREAM_STORES
   if (g) stream_fence();
 #endif
-  if constexpr (KL) res.kl = static_cast<float>(kl_d / f * temp * temp);
+  if constexpr (KL) res.kl = static_cast<float>(t2 ? kl_d / f * temp * temp : kl_d / f);
   return res;
+}
+
+// ---- the generic row loop: any Divergence, the logit transforms ------------------------------
+// process_row above is forward KL on untransformed logits, tuned for speed (and hand-vectorised on
+// AVX-512). This loop serves every other case with the same row results and gradient layout:
+// the divergence is one column function (divergences.h) inside shared passes, vectorised by the
+// compiler (`omp simd`) for each ISA variant.
+
+struct DivParams {
+  float temp, inv_t, c_t;  // T, 1/T, log2(e)/T
+  bool t2;                 // multiply the divergence by T^2
+  float logit_scale, softcap;
+  DivConsts c;
+};
+
+// The student's and teacher's transformed logits x' into a and (for the student, with dfac not
+// null) dx'/dx into dfac; returns max x'. softcap uses tanh/cosh, which do not vectorise (scalar
+// loop, a rarely used path); logit_scale alone is one multiply.
+template <typename T>
+float transform_row(const T* x, int64_t n, const DivParams& p, float* a, float* dfac) {
+  float m = -kInf;
+  const float scale = p.logit_scale, cap = p.softcap;
+  if (cap > 0.0f) {
+    const float inv_cap = 1.0f / cap;
+    for (int64_t j = 0; j < n; ++j) {
+      const float y = load(x, j) * scale * inv_cap;
+      const float v = cap * std::tanh(y);
+      a[j] = v;
+      m = v > m ? v : m;
+      if (dfac) {
+        const float ch = std::cosh(y);  // +inf for |y| > 89: derivative 0
+        dfac[j] = scale / (ch * ch);
+      }
+    }
+    return m;
+  }
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = load(x, j) * scale;
+    a[j] = v;
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+template <typename T, int DIV, bool KL, bool CE, bool MSE>
+RowResult process_row_div(const T* s, const T* t, int64_t V, const DivParams& p, int64_t label,
+                          RowWeights w, T* g) {
+  RowResult res;
+  auto nan_row = [&] {
+    if (KL) res.kl = kNaN;
+    if (CE) res.ce = kNaN;
+    if (MSE) res.mse = kNaN;
+    if (g) fill_row(g, V, kNaN);
+    return res;
+  };
+  // Scratch (fp32, L2-resident for V up to ~32k): the transformed logits a_s, a_t; the
+  // exponentials e_s, e_t (e_t is overwritten by G in pass 3); e_1 (CE at T = 1); dx'/dx.
+  constexpr bool kTeacher = KL || MSE;
+  const bool softcap_grad = g && p.softcap > 0.0f;
+  thread_local std::vector<float> scratch;
+  if (scratch.size() < static_cast<size_t>(6 * V)) scratch.resize(static_cast<size_t>(6 * V));
+  float* const a_s = scratch.data();
+  float* const a_t = a_s + V;
+  float* const e_s = a_t + V;
+  float* const e_t = e_s + V;
+  float* const e_1 = e_t + V;
+  float* const dfac = e_1 + V;
+
+  // Pass 1: transform, maxima. The maxima shift every exponential below (no overflow).
+  const float ms = transform_row(s, V, p, a_s, softcap_grad ? dfac : nullptr);
+  const float mt = kTeacher ? transform_row(t, V, p, a_t, nullptr) : 0.0f;
+  if ((KL || CE) && !(is_finite(ms) && (!KL || is_finite(mt)))) return nan_row();
+
+  // Pass 2: the softmax sums (fp32 lanes per block, double across blocks) and the MSE sum.
+  // dz = z_s - z_t is accumulated term by term as e_t expm1(u), u = log(e_s / e_t) (as in
+  // process_row), so that log(z_s / z_t) keeps the digits a near-one-hot row's z_s and z_t lose.
+  const float c_t = p.c_t, inv_t = p.inv_t, dm_st = ms - mt;
+  double zs_d = 0.0, zt_d = 0.0, dz_d = 0.0, z1_d = 0.0, sq_d = 0.0;
+  for (int64_t j0 = 0; j0 < V; j0 += FD_BLOCK) {
+    const int64_t j1 = j0 + FD_BLOCK < V ? j0 + FD_BLOCK : V;
+    float zs = 0.0f, zt = 0.0f, dz = 0.0f, z1 = 0.0f, sq = 0.0f;
+#pragma omp simd reduction(+ : zs, zt, dz, z1, sq)
+    for (int64_t j = j0; j < j1; ++j) {
+      if constexpr (KL) {
+        const float es = fd_exp2((a_s[j] - ms) * c_t);
+        const float et = fd_exp2((a_t[j] - mt) * c_t);
+        e_s[j] = es;
+        e_t[j] = et;
+        zs += es;
+        zt += et;
+        const float u = ((a_s[j] - a_t[j]) - dm_st) * inv_t;
+        dz += is_small(u) ? et * expm1_small(u) : es - et;
+      }
+      if constexpr (CE) {
+        const float e1 = fd_exp2((a_s[j] - ms) * kLog2e);
+        e_1[j] = e1;
+        z1 += e1;
+      }
+      if constexpr (MSE) {
+        const float dd = a_s[j] - a_t[j];
+        sq += dd * dd;
+      }
+    }
+    zs_d += zs;
+    zt_d += zt;
+    dz_d += dz;
+    z1_d += z1;
+    sq_d += sq;
+  }
+  // NaN in a row makes its sums NaN: the same treatment as process_row.
+  const bool kl_bad = KL && !std::isfinite(zs_d + zt_d);
+  const bool ce_bad = CE && !std::isfinite(z1_d);
+  if (kl_bad || ce_bad) {
+    nan_row();
+    if (CE && !ce_bad) res.ce = static_cast<float>(ms + std::log(z1_d) - a_s[label]);
+    if (MSE) res.mse = static_cast<float>(sq_d);
+    return res;
+  }
+  if constexpr (CE) res.ce = static_cast<float>(static_cast<double>(ms) + std::log(z1_d) - a_s[label]);
+  if constexpr (MSE) res.mse = static_cast<float>(sq_d);
+  if (!KL && !g) return res;
+
+  // Pass 3: the divergence terms and q (over e_t), and s0 = sum p_s q. d = log p_t - log p_s
+  // from the exact differences of the logits and of the maxima, and the log-ratio of the sums in
+  // double: exact 0 when the student equals the teacher.
+  const float inv_zs = static_cast<float>(1.0 / zs_d), inv_zt = static_cast<float>(1.0 / zt_d);
+  const float dm = mt - ms;
+  // log(z_t / z_s) from dz where z_s and z_t are close, from the sums where they are not.
+  const double dz_rel = dz_d / zt_d;
+  const float delta = static_cast<float>(std::fabs(dz_rel) <= 0.125 ? -std::log1p(dz_rel)
+                                                                     : std::log(zt_d / zs_d));
+  constexpr bool kRowSum = DIV != kForwardKL;  // forward KL's q is its gradient already
+  double loss_d = 0.0, s0_d = 0.0;
+  if constexpr (KL) {
+    const DivConsts c = p.c;
+    for (int64_t j0 = 0; j0 < V; j0 += FD_BLOCK) {
+      const int64_t j1 = j0 + FD_BLOCK < V ? j0 + FD_BLOCK : V;
+      float loss = 0.0f, s0 = 0.0f;
+#pragma omp simd reduction(+ : loss, s0)
+      for (int64_t j = j0; j < j1; ++j) {
+        const float ps = e_s[j] * inv_zs, pt = e_t[j] * inv_zt;
+        const float d = ((a_t[j] - a_s[j]) - dm) * inv_t - delta;
+        const DivTerm term = divergence_term<DIV>(ps, pt, d, c);
+        e_t[j] = term.q;
+        loss += term.loss;
+        if constexpr (kRowSum) s0 += ps * term.q;
+      }
+      loss_d += loss;
+      s0_d += s0;
+    }
+    res.kl = static_cast<float>(p.t2 ? loss_d * p.temp * p.temp : loss_d);
+  }
+  if (!g) return res;
+
+  // The gradient p_s,j (q_j - qbar), qbar = sum p_s q, loses the digits of q_j - qbar where one
+  // probability is close to 1 (low T) if qbar carries the rounding of the large p_s q terms. So
+  // qbar = s0 + s1 with the correction s1 = sum p_s (q - s0), whose terms are small exactly there.
+  float s0 = 0.0f, s1 = 0.0f;
+  if constexpr (KL && kRowSum) {
+    s0 = static_cast<float>(s0_d);
+    double s1_d = 0.0;
+    for (int64_t j0 = 0; j0 < V; j0 += FD_BLOCK) {
+      const int64_t j1 = j0 + FD_BLOCK < V ? j0 + FD_BLOCK : V;
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = j0; j < j1; ++j) acc += e_s[j] * (e_t[j] - s0);
+      s1_d += acc;
+    }
+    s1 = static_cast<float>(s1_d * inv_zs);
+  }
+
+  // Pass 4: the gradient w.r.t. the raw student logits, through an L1 tile to memory.
+  //   kl:  p_s,j ((q_j - s0) - s1) (forward KL: q_j);  ce: softmax(s') - onehot(label);
+  //   mse: 2 (s' - t');  all times dx'/dx. (1/T, 2 and the weights are folded into w.)
+  const float wkl_zs = w.kl * inv_zs;
+  const float wce_1 = CE ? static_cast<float>(w.ce / z1_d) : 0.0f;
+  const float scale = p.logit_scale;
+  for (int64_t j0 = 0; j0 < V; j0 += FD_BLOCK) {
+    const int64_t j1 = j0 + FD_BLOCK < V ? j0 + FD_BLOCK : V;
+    alignas(64) float tile[FD_BLOCK];
+#pragma omp simd
+    for (int64_t j = j0; j < j1; ++j) {
+      float gv = 0.0f;
+      if constexpr (KL) gv = kRowSum ? wkl_zs * e_s[j] * ((e_t[j] - s0) - s1) : w.kl * e_t[j];
+      if constexpr (CE) gv += wce_1 * e_1[j] - (j == label ? w.ce : 0.0f);
+      if constexpr (MSE) gv += w.mse * (a_s[j] - a_t[j]);
+      tile[j - j0] = gv * (softcap_grad ? dfac[j] : scale);
+    }
+    write_grad_block(g + j0, tile, j1 - j0);
+  }
+#if FD_STREAM_STORES
+  stream_fence();
+#endif
+  return res;
+}
+
+// One row of the generic loop: the row's active terms and the op's divergence as template
+// arguments (one instantiation set per dtype, not per op).
+template <typename T>
+RowResult generic_row(int div, bool kl, bool ce, bool mse, const T* s, const T* t, int64_t V,
+                      const DivParams& p, int64_t label, RowWeights w, T* g) {
+  const int terms = (ce ? 2 : 0) | (mse ? 1 : 0);
+  auto with_div = [&](auto div_tag) -> RowResult {
+    constexpr int D = decltype(div_tag)::value;
+    switch (terms) {
+      case 3: return process_row_div<T, D, true, true, true>(s, t, V, p, label, w, g);
+      case 2: return process_row_div<T, D, true, true, false>(s, t, V, p, label, w, g);
+      case 1: return process_row_div<T, D, true, false, true>(s, t, V, p, label, w, g);
+      default: return process_row_div<T, D, true, false, false>(s, t, V, p, label, w, g);
+    }
+  };
+  if (kl) {
+    switch (div) {
+      case kReverseKL: return with_div(std::integral_constant<int, kReverseKL>{});
+      case kJSD: return with_div(std::integral_constant<int, kJSD>{});
+      case kTVD: return with_div(std::integral_constant<int, kTVD>{});
+      default: return with_div(std::integral_constant<int, kForwardKL>{});
+    }
+  }
+  switch (terms) {
+    case 3: return process_row_div<T, kForwardKL, false, true, true>(s, t, V, p, label, w, g);
+    case 2: return process_row_div<T, kForwardKL, false, true, false>(s, t, V, p, label, w, g);
+    case 1: return process_row_div<T, kForwardKL, false, false, true>(s, t, V, p, label, w, g);
+    default:
+      if (g) fill_row(g, V, 0.0f);
+      return RowResult{};
+  }
 }
 
 double divisor(int norm, int64_t count, int64_t cols) {
@@ -438,14 +683,24 @@ void run(const FusedLogitsArgs& a) {
       ++n_lab;
     }
   }
-  const double d_kl = divisor(a.norm_kl, n_sel, V);
+  const double d_kl = a.norm_kl == kNormGiven ? a.normalizer : divisor(a.norm_kl, n_sel, V);
   const double d_ce = divisor(a.norm_ce, n_lab, V);
   const double d_mse = divisor(a.norm_mse, n_sel, V);
   const float temp = a.temperature;
-  // d(T^2 KL)/ds = T (p_s - p_t); d(sum (s-t)^2)/ds = 2 (s - t).
-  const RowWeights full{static_cast<float>(a.w_kl * temp / d_kl),
-                        static_cast<float>(a.w_ce / d_ce),
-                        static_cast<float>(2.0 * a.w_mse / d_mse)};
+  // d(T^2 KL)/ds = T (p_s - p_t) (1/T without t2_scale); d(sum (s-t)^2)/ds = 2 (s - t).
+  const RowWeights full{
+      static_cast<float>(a.t2_scale ? a.w_kl * temp / d_kl : a.w_kl / temp / d_kl),
+      static_cast<float>(a.w_ce / d_ce), static_cast<float>(2.0 * a.w_mse / d_mse)};
+  // Another divergence or a logit transform: the generic row loop (process_row_div).
+  const bool generic =
+      a.divergence != kForwardKL || a.logit_scale != 1.0f || a.softcap > 0.0f;
+  const DivParams dp{temp,
+                     1.0f / temp,
+                     kLog2e / temp,
+                     a.t2_scale,
+                     a.logit_scale,
+                     a.softcap,
+                     DivConsts{a.beta, a.one_minus_beta}};
 
   auto row = [&](int64_t r) -> RowResult {
     const T* s = S + r * a.student_row_stride;
@@ -458,12 +713,14 @@ void run(const FusedLogitsArgs& a) {
     const bool sel = a.mask ? a.mask[r] != 0 : true;
     const int64_t label = CE ? a.labels[r] : a.ignore_index;
     const bool kl = KL && sel, mse = MSE && sel, ce = CE && label != a.ignore_index;
+    if (generic) return generic_row<T>(a.divergence, kl, ce, mse, s, t, V, dp, label, full, g);
+    const bool t2 = a.t2_scale;
     // Runtime row flags -> compile-time row function; only subsets of the op's terms occur.
     switch ((kl ? 4 : 0) | (ce ? 2 : 0) | (mse ? 1 : 0)) {
-      case 7: return process_row<T, true, true, true>(s, t, V, temp, label, full, g, ns, nt);
-      case 6: return process_row<T, true, true, false>(s, t, V, temp, label, full, g, ns, nt);
-      case 5: return process_row<T, true, false, true>(s, t, V, temp, label, full, g, ns, nt);
-      case 4: return process_row<T, true, false, false>(s, t, V, temp, label, full, g, ns, nt);
+      case 7: return process_row<T, true, true, true>(s, t, V, temp, label, full, g, ns, nt, t2);
+      case 6: return process_row<T, true, true, false>(s, t, V, temp, label, full, g, ns, nt, t2);
+      case 5: return process_row<T, true, false, true>(s, t, V, temp, label, full, g, ns, nt, t2);
+      case 4: return process_row<T, true, false, false>(s, t, V, temp, label, full, g, ns, nt, t2);
       case 3: return process_row<T, false, true, true>(s, t, V, temp, label, full, g, ns, nt);
       case 2: return process_row<T, false, true, false>(s, t, V, temp, label, full, g, ns, nt);
       case 1: return process_row<T, false, false, true>(s, t, V, temp, label, full, g, ns, nt);

@@ -13,10 +13,21 @@ enum Norm : int {
   kNormSum = 0,        // "sum" and "none": divide by 1
   kNormRows = 1,       // "batchmean" (and CE "mean"): divide by max(#selected rows, 1)
   kNormRowsCols = 2,   // "mean": divide by max(#selected rows, 1) * cols (nn.KLDivLoss/MSELoss)
+  kNormGiven = 3,      // divide by FusedLogitsArgs::normalizer (a global token count)
+};
+
+// What the divergence term ("kl" below) computes between p_s = softmax(s'/T) and
+// p_t = softmax(t'/T), where x' is x after the logit transforms (logit_scale, softcap):
+enum Divergence : int {
+  kForwardKL = 0,  // KL(p_t || p_s) = sum p_t (log p_t - log p_s)
+  kReverseKL = 1,  // KL(p_s || p_t)
+  kJSD = 2,        // beta KL(p_t || M) + (1 - beta) KL(p_s || M), M = beta p_t + (1 - beta) p_s
+  kTVD = 3,        // 1/2 sum |p_t - p_s|
 };
 
 // One pass over student (and teacher) logits rows computing any subset of
 //   kl  = T^2 * KL(softmax(t/T) || softmax(s/T))   on rows selected by `mask`
+//         (or another Divergence; times T^2 only with t2_scale)
 //   ce  = logsumexp(s) - s[label]                  on rows with label != ignore_index
 //   mse = sum_j (s_j - t_j)^2                      on rows selected by `mask`
 // their weighted, normalised sum, and (optionally) the gradient of that sum w.r.t. the student.
@@ -42,6 +53,15 @@ struct FusedLogitsArgs {
   float* out = nullptr;  // [weighted total, kl, ce, mse], each normalised
   void* grad = nullptr;  // null: no gradient; else contiguous rows x cols in `dtype`
   int num_threads = 1;
+  // The divergence term and the logit transforms. Each transform applies to both sides' logits
+  // before the temperature, and every term (kl, ce, mse) sees the transformed logits.
+  int divergence = kForwardKL;
+  float beta = 0.5f;            // kJSD only, 0 < beta < 1
+  float one_minus_beta = 0.5f;  // 1 - beta, formed in double by the caller
+  bool t2_scale = true;         // multiply the divergence by T^2
+  float logit_scale = 1.0f;     // x -> x * logit_scale
+  float softcap = 0.0f;         // > 0: x -> softcap * tanh(x / softcap); 0: off
+  double normalizer = 1.0;      // the divisor of kNormGiven
 };
 
 // Cosine loss on hidden states: per selected row, 1 - <s,t> / sqrt((|s|^2+eps)(|t|^2+eps)),

@@ -52,6 +52,28 @@ static inline float fd_exp2(float y) {
   return yc < -125.0f ? 0.0f : v;
 }
 
+// Natural log in fp32 for normal x > 0, the form the divergence loops use (vectorisable like
+// fd_exp2; glibc's logf is not, for the same reason). x = 2^e m with m in [sqrt(1/2), sqrt(2)),
+// log m = 2 atanh(s) with s = (m - 1) / (m + 1), |s| <= 0.1716, by its odd series to s^9
+// (truncation below 1e-9). Zero, denormals, +inf and NaN are not handled: the callers pass
+// values in [1e-38, 2^64] or check their input first.
+static inline float fd_log(float x) {
+  const uint32_t bits = float_to_bits(x);
+  const float m1 = bits_to_float((bits & 0x007fffffu) | 0x3f800000u);  // [1, 2)
+  const bool big = m1 > 1.41421356f;
+  const float m = big ? 0.5f * m1 : m1;
+  const float e = static_cast<float>(static_cast<int32_t>((bits >> 23) & 0xffu) - (big ? 126 : 127));
+  const float f = m - 1.0f;  // exact (Sterbenz)
+  const float s = f / (2.0f + f);
+  const float s2 = s * s;
+  float p = 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  return e * 0.693147180559945309f + 2.0f * s * p;
+}
+
 // ---- element loads/stores: fp32 math on fp32/bf16/fp16 storage --------------------------------
 struct BF16 {
   uint16_t bits;

@@ -1,6 +1,7 @@
 """Fused distillation losses: drop-in replacements for the usual PyTorch loss formulas.
 
-Functional: kl_div_loss, mse_loss, cosine_loss, cross_entropy, distillation_loss, all_finite.
+Functional: kl_div_loss, reverse_kl_loss, jsd_loss, tvd_loss, mse_loss, cosine_loss,
+cross_entropy, distillation_loss, all_finite.
 Modules: KLDivLoss, MSELoss, CosineLoss, CrossEntropyLoss, DistillationLoss.
 Backend: FASTDISTILL_BACKEND = auto | torch | native | triton (see fastdistill.backend).
 """
@@ -10,8 +11,11 @@ from fastdistill.losses.functional import (
     cosine_loss,
     cross_entropy,
     distillation_loss,
+    jsd_loss,
     kl_div_loss,
     mse_loss,
+    reverse_kl_loss,
+    tvd_loss,
 )
 from fastdistill.losses.modules import (
     CosineLoss,
@@ -26,8 +30,11 @@ __all__ = [
     "cosine_loss",
     "cross_entropy",
     "distillation_loss",
+    "jsd_loss",
     "kl_div_loss",
     "mse_loss",
+    "reverse_kl_loss",
+    "tvd_loss",
     "CosineLoss",
     "CrossEntropyLoss",
     "DistillationLoss",

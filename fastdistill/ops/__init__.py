@@ -4,4 +4,15 @@ Importing this package registers ``torch.ops.fastdistill.*``. Users call ``fastd
 the ops take already-validated arguments and return the loss with the saved student gradient.
 """
 
-from fastdistill.ops import all_finite, cosine, cross_entropy, distillation, kl_div, mse  # noqa: F401
+from fastdistill.ops import (  # noqa: F401
+    all_finite,
+    cosine,
+    cross_entropy,
+    distillation,
+    distillation_divergence,
+    jsd,
+    kl_div,
+    mse,
+    reverse_kl,
+    tvd,
+)

@@ -53,6 +53,87 @@ def check_pair(student: object, teacher: object, s_name: str, t_name: str) -> tu
     return student, teacher
 
 
+def check_pair_vocab(
+    student: object, teacher: object, s_name: str, t_name: str, vocab: object
+) -> tuple[Tensor, Tensor]:
+    """``check_pair`` where the last dims may differ when ``vocab="common"``: then both are cut to
+    their first min(Vs, Vt) columns (views; nothing is padded)."""
+    if vocab not in ("same", "common"):
+        raise ValueError(f"vocab must be 'same' or 'common', got {vocab!r}")
+    student = check_float_tensor(student, s_name)
+    teacher = check_float_tensor(teacher, t_name)
+    vs, vt = student.shape[-1], teacher.shape[-1]
+    if vs != vt and student.shape[:-1] == teacher.shape[:-1]:
+        if vocab != "common":
+            raise ValueError(
+                f"{s_name} has {vs} columns but {t_name} has {vt}: the vocabularies differ. Pass "
+                'vocab="common" to compare the distributions over the first min(Vs, Vt) tokens '
+                "(the shared part of one model family's vocabulary); logits are never zero-padded"
+            )
+        v = min(vs, vt)
+        student, teacher = student[..., :v], teacher[..., :v]
+    return check_pair(student, teacher, s_name, t_name)
+
+
+def check_beta(beta: object) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta must be a number in [0, 1], got {type(beta).__name__}")
+    beta = float(beta)
+    if not 0.0 <= beta <= 1.0:  # also rejects NaN
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    return beta
+
+
+def check_logit_scale(logit_scale: object) -> float:
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
+        raise TypeError(f"logit_scale must be a number, got {type(logit_scale).__name__}")
+    logit_scale = float(logit_scale)
+    if not math.isfinite(logit_scale) or logit_scale <= 0:
+        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale}")
+    return logit_scale
+
+
+def check_softcap(softcap: object) -> float:
+    """``None`` (off) or a finite number > 0; returns 0.0 for off, as the kernels take it."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be None or a number > 0, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not math.isfinite(softcap) or softcap <= 0:
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
+    return softcap
+
+
+def check_normalizer(normalizer: object, reduction: str, device: torch.device) -> Tensor | None:
+    """``None``, a number > 0 or a 0-dim tensor (e.g. a global token count): what ``batchmean``
+    divides the summed loss by instead of the local count. Returned as a 0-dim float64 tensor on
+    ``device`` (a tensor's value is never read on the host: no sync)."""
+    if normalizer is None:
+        return None
+    if reduction != "batchmean":
+        raise ValueError(
+            f"normalizer replaces the token count of reduction='batchmean'; got reduction={reduction!r}"
+        )
+    if isinstance(normalizer, Tensor):
+        if normalizer.dim() != 0:
+            raise ValueError(
+                f"normalizer must be a 0-dim tensor, got shape {tuple(normalizer.shape)}"
+            )
+        if normalizer.dtype.is_complex or normalizer.dtype == torch.bool:
+            raise TypeError(f"normalizer must be a real number tensor, got {normalizer.dtype}")
+        if normalizer.device != device and normalizer.device.type != "cpu":
+            raise ValueError(f"normalizer is on {normalizer.device} but the logits are on {device}")
+        return normalizer.detach().to(device=device, dtype=torch.float64, non_blocking=True)
+    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
+        raise TypeError(
+            f"normalizer must be a number or a 0-dim tensor, got {type(normalizer).__name__}"
+        )
+    if not math.isfinite(normalizer) or normalizer <= 0:
+        raise ValueError(f"normalizer must be a finite number > 0, got {normalizer}")
+    return torch.full((), float(normalizer), dtype=torch.float64, device=device)
+
+
 def check_mask(mask: object, lead_shape: torch.Size, device: torch.device, name: str = "mask"):
     """A bool (or integer 0/1, e.g. an attention mask) tensor of the logits' leading shape."""
     if mask is None:

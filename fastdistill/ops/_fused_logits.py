@@ -37,6 +37,25 @@ class Terms:
     norm_kl: int = _native.NORM_ROWS
     norm_ce: int = _native.NORM_ROWS
     norm_mse: int = _native.NORM_ROWS
+    # What the "kl" term computes (fastdistill._native.DIVERGENCE_CODES) and whether it is
+    # multiplied by T²; beta is JSD's teacher weight, 0 < beta < 1 (the ops map 0 and 1 to the
+    # forward and reverse KL).
+    divergence: int = _native.FORWARD_KL
+    beta: float = 0.5
+    t2_scale: bool = True
+
+
+@dataclass(frozen=True)
+class Transform:
+    """The logit transforms applied in the kernel to both sides before the temperature:
+    x · logit_scale, then softcap · tanh(x / softcap) when softcap > 0."""
+
+    logit_scale: float = 1.0
+    softcap: float = 0.0
+
+    @property
+    def identity(self) -> bool:
+        return self.logit_scale == 1.0 and self.softcap == 0.0
 
 
 @dataclass
@@ -85,9 +104,13 @@ def fused_logits_native(
     temperature: float = 1.0,
     ignore_index: int = -100,
     want_rows: bool = False,
+    transform: Transform = Transform(),
+    normalizer: Tensor | None = None,
     grad: Tensor,
 ) -> FusedResult:
-    """Run the CPU kernel. ``grad`` is a buffer of the student's shape (written) or empty (skipped)."""
+    """Run the CPU kernel. ``grad`` is a buffer of the student's shape (written) or empty (skipped).
+    ``normalizer`` (a CPU 0-dim tensor: reading it is a load, not a device sync) divides the
+    divergence term when ``terms.norm_kl`` is NORM_GIVEN."""
     s2, t2, labels1, mask_u8 = _checked_rows(student, teacher, labels, mask)
     lead = student.shape[:-1]
     rows, cols = s2.shape
@@ -122,6 +145,13 @@ def fused_logits_native(
         out=out.data_ptr(),
         grad=grad.data_ptr() if grad.numel() else 0,
         num_threads=_native.num_threads(),
+        divergence=terms.divergence,
+        beta=terms.beta,
+        one_minus_beta=1.0 - terms.beta,
+        t2_scale=terms.t2_scale,
+        logit_scale=transform.logit_scale,
+        softcap=transform.softcap,
+        normalizer=float(normalizer) if normalizer is not None else 1.0,
     )
     return FusedResult(
         out,
@@ -145,9 +175,12 @@ def _device_scalar(x, device: torch.device) -> Tensor:
     return torch.full((), float(x), dtype=torch.float64, device=device)
 
 
-def device_divisor(norm: int, count, cols: int, device: torch.device) -> Tensor:
+def device_divisor(norm: int, count, cols: int, device: torch.device, given=None) -> Tensor:
     """What a term's sum over rows is divided by (csrc/cpu/kernels.h, enum Norm), on the device;
-    ``count`` (selected rows) is a device tensor or a Python number."""
+    ``count`` (selected rows) is a device tensor or a Python number, ``given`` the normaliser of
+    NORM_GIVEN."""
+    if norm == _native.NORM_GIVEN:
+        return _device_scalar(given, device)
     if norm == _native.NORM_SUM:
         return _device_scalar(1.0, device)
     count = _device_scalar(count, device).clamp_min(1.0)
@@ -161,6 +194,11 @@ def _launch_triton(s2, t2, labels1, mask_u8, scales, row_kl, row_ce, row_mse, gr
 
 
 def _launch_cuda(s2, t2, labels1, mask_u8, scales, row_kl, row_ce, row_mse, grad, **kw):
+    generic = kw["divergence"] != _native.FORWARD_KL or kw["logit_scale"] != 1.0 or kw["softcap"]
+    if generic or not kw["t2_scale"]:
+        raise unsupported(
+            "the CUDA logits kernel computes the T²-scaled forward KL on untransformed logits only"
+        )
     rows, cols = s2.shape
     _native.core().fused_logits_cuda(
         student=s2.data_ptr(),
@@ -210,6 +248,8 @@ def fused_logits_gpu(
     terms: Terms,
     temperature: float,
     ignore_index: int,
+    transform: Transform = Transform(),
+    normalizer: Tensor | None = None,
     grad: Tensor,
 ) -> FusedResult:
     """Run a GPU-style kernel (``_launch_triton`` or ``_launch_cuda``): same result as
@@ -221,12 +261,14 @@ def fused_logits_gpu(
     rows, cols = s2.shape
     n_sel = mask_u8.sum(dtype=torch.float64) if mask_u8 is not None else rows
     n_lab = (labels1 != ignore_index).sum(dtype=torch.float64) if terms.ce else rows
-    d_kl = device_divisor(terms.norm_kl, n_sel, cols, device)
+    d_kl = device_divisor(terms.norm_kl, n_sel, cols, device, normalizer)
     d_ce = device_divisor(terms.norm_ce, n_lab, cols, device)
     d_mse = device_divisor(terms.norm_mse, n_sel, cols, device)
-    # d(total)/d(term) / normaliser, with d(T² KL)/ds = T (p_s − p_t) and d(Σ(s−t)²)/ds = 2(s − t).
+    # d(total)/d(term) / normaliser, with d(T² D)/ds = T dD/dz (1/T without T²; z = s/T) and
+    # d(Σ(s−t)²)/ds = 2(s − t).
+    kl_chain = temperature if terms.t2_scale else 1.0 / temperature
     scales = torch.stack(
-        [terms.w_kl * temperature / d_kl, terms.w_ce / d_ce, 2.0 * terms.w_mse / d_mse]
+        [terms.w_kl * kl_chain / d_kl, terms.w_ce / d_ce, 2.0 * terms.w_mse / d_mse]
     ).to(torch.float32)
     row_kl, row_ce, row_mse = _row_outputs(terms, rows, device)
     with on_device(device):
@@ -235,6 +277,8 @@ def fused_logits_gpu(
             grad.view(rows, cols) if grad.numel() else None,
             temperature=temperature, ignore_index=ignore_index,
             kl=terms.kl, ce=terms.ce, mse=terms.mse,
+            divergence=terms.divergence, beta=terms.beta, t2_scale=terms.t2_scale,
+            logit_scale=transform.logit_scale, softcap=transform.softcap,
         )  # fmt: skip
     # Deterministic reduction over rows (no atomics), in float64 like the CPU kernel.
     zero = _device_scalar(0.0, device)
@@ -270,11 +314,19 @@ def run_fused_logits(
     temperature: float = 1.0,
     ignore_index: int = -100,
     want_rows: bool = False,
+    transform: Transform = Transform(),
+    normalizer: Tensor | None = None,
 ) -> FusedResult:
     """Run ``op``'s terms on the backend FASTDISTILL_BACKEND selects for the student's device."""
     backend = select_backend(op, student.device)
     device = student.device.type
-    kw = dict(terms=terms, temperature=temperature, ignore_index=ignore_index)
+    kw = dict(
+        terms=terms,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        transform=transform,
+        normalizer=normalizer,
+    )
     if backend == "native" and device == "cpu":
         grad = alloc_grad(student, compute_grad)
         return fused_logits_native(

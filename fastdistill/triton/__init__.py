@@ -12,6 +12,10 @@ KERNEL_MODULES = {
     "cross_entropy": "fused_logits",
     "mse": "fused_logits",
     "distillation": "fused_logits",
+    "distillation_divergence": "fused_logits",
+    "reverse_kl": "fused_logits",
+    "jsd": "fused_logits",
+    "tvd": "fused_logits",
     "cosine": "cosine",
     "all_finite": "all_finite",
 }

@@ -76,17 +76,89 @@ def _rescale(m_old, m_new, scale):
 
 
 @triton.jit
-def _load_tiles(s_rows, t_rows, row_ok, cols, n_cols, KL: tl.constexpr, MSE: tl.constexpr):
-    """The (ROWS, BLOCK) student tile and, for KL/MSE, the teacher tile, in fp32; lanes outside
-    the rows read -inf (no probability mass). Returns (xs, xt, in_tile); xt is xs without KL/MSE."""
+def _transform(x, logit_scale, softcap, TRANSFORM: tl.constexpr):
+    """The logit transforms (0: none, 1: × logit_scale, 2: then softcap · tanh(x / softcap)) and
+    their derivative dx'/dx (returned as x itself, unused, for TRANSFORM = 0)."""
+    if TRANSFORM == 0:
+        return x, x
+    if TRANSFORM == 1:
+        return x * logit_scale, tl.zeros_like(x) + logit_scale
+    y = x * (logit_scale / softcap)
+    a = 2.0 * tl.abs(y)
+    # e^-a − 1 by its series for small a (tanh y ≈ y there: 1 − e^-a would cancel).
+    em1 = tl.where(a < 0.25, _series_e_minus_1_minus_x(-a) - a, tl.exp(-a) - 1.0)
+    th = -em1 / (2.0 + em1)  # tanh |y|; ±inf give 1, NaN stays NaN
+    e = em1 + 1.0
+    return softcap * tl.where(y < 0.0, -th, th), logit_scale * 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+
+@triton.jit
+def _load_tiles(
+    s_rows, t_rows, row_ok, cols, n_cols, logit_scale, softcap,
+    KL: tl.constexpr, MSE: tl.constexpr, TRANSFORM: tl.constexpr,
+):  # fmt: skip
+    """The (ROWS, BLOCK) student tile and, for KL/MSE, the teacher tile, in fp32 and transformed;
+    lanes outside the rows read -inf (no probability mass). Returns (xs, xt, in_tile, dfac); xt is
+    xs without KL/MSE, dfac the student's dx'/dx (xs itself without a transform)."""
     in_tile = row_ok[:, None] & (cols < n_cols)[None, :]
     xs = tl.load(s_rows[:, None] + cols[None, :], mask=in_tile, other=float("-inf"))
-    xs = xs.to(tl.float32)
+    xs, dfac = _transform(xs.to(tl.float32), logit_scale, softcap, TRANSFORM)
+    if TRANSFORM != 0:
+        xs = tl.where(in_tile, xs, float("-inf"))  # softcap maps -inf to -softcap
     xt = xs
     if KL or MSE:
         xt = tl.load(t_rows[:, None] + cols[None, :], mask=in_tile, other=float("-inf"))
-        xt = xt.to(tl.float32)
-    return xs, xt, in_tile
+        xt, _unused = _transform(xt.to(tl.float32), logit_scale, softcap, TRANSFORM)
+        if TRANSFORM != 0:
+            xt = tl.where(in_tile, xt, float("-inf"))
+    return xs, xt, in_tile, dfac
+
+
+@triton.jit
+def _expm1_small(v):
+    return _series_e_minus_1_minus_x(v) + v
+
+
+@triton.jit
+def _jsd_log_ratios(d, beta, omb):
+    """log(M / p_s) and log(M / p_t), M = β p_t + (1 − β) p_s, from d = log p_t − log p_s
+    alone (as csrc/cpu/divergences.h): nothing underflows where both log-probabilities are far
+    below −104, and both are exact 0 at d = 0."""
+    student_larger = d <= 0.0  # false for NaN, which then propagates
+    a = tl.where(student_larger, beta, omb)
+    b = tl.where(student_larger, omb, beta)
+    x = tl.where(student_larger, d, -d)  # <= 0
+    small = x > -0.25
+    ex = tl.exp(x)
+    w = a * tl.where(small, _expm1_small(x), ex - 1.0)
+    u = tl.where(small, 1.0 + w, b + a * ex)
+    log_u = tl.log(u)
+    # log1p(w) with the rounding of 1 + w undone (see _log1p)
+    r = tl.where(small, tl.where(u == 1.0, w, log_u * (w / (u - 1.0))), log_u)
+    return tl.where(student_larger, r, r + d), tl.where(student_larger, r - d, r)
+
+
+@triton.jit
+def _divergence_terms(ps, pt, d, beta, omb, DIV: tl.constexpr):
+    """A column's loss term and q = dL/dp_s (0 where p_s = 0) for the reverse KL (DIV 1), JSD
+    (2) and TVD (3), from p_s, p_t and d = log p_t − log p_s (see csrc/cpu/divergences.h)."""
+    if DIV == 1:
+        small = _is_small(d)
+        direct = (pt - ps) - tl.where(ps > 0.0, ps * d, 0.0)
+        loss = tl.where(small, ps * _series_e_minus_1_minus_x(d), direct)
+        q = tl.where(ps > 0.0, -d, 0.0)
+    elif DIV == 2:
+        rho_s, rho_t = _jsd_log_ratios(d, beta, omb)
+        from_t = tl.where(pt > 0.0, pt * rho_t, 0.0)
+        from_s = tl.where(ps > 0.0, ps * rho_s, 0.0)
+        loss = -(beta * from_t + omb * from_s)
+        loss = tl.where(loss < 0.0, 0.0, loss)  # >= 0 per column; NaN stays NaN
+        q = tl.where(ps > 0.0, -omb * rho_s, 0.0)
+    else:
+        diff = tl.where(_is_small(d), -ps * _expm1_small(d), ps - pt)
+        loss = 0.5 * tl.abs(diff)
+        q = tl.where(diff > 0.0, 0.5, tl.where(diff < 0.0, -0.5, 0.0))
+    return loss, q
 
 
 @triton.jit
@@ -134,26 +206,37 @@ def _tile_stats(
 def _tile_outputs(
     xs, xt, cols, label, c_t, inv_t,
     ms, mt, inv_zs, inv_zt, delta, m1, inv_z1,
-    w_kl, w_ce, w_mse,
+    w_kl, w_ce, w_mse, beta, omb, q_ref, s_corr,
     KL: tl.constexpr, CE: tl.constexpr, MSE: tl.constexpr, SHARE: tl.constexpr,
+    DIV: tl.constexpr, GRAD_KL: tl.constexpr,
 ):  # fmt: skip
-    """One (ROWS, BLOCK) tile's KL terms and gradient (pass B); per-row values are (ROWS,). A term
-    whose weight is 0 adds nothing (the where() keeps NaN of an inactive term from leaking in)."""
+    """One (ROWS, BLOCK) tile's divergence terms and gradient (pass B); per-row values are
+    (ROWS,). A term whose weight is 0 adds nothing (the where() keeps NaN of an inactive term from
+    leaking in). For DIV != 0 also returns corr = p_s (q − q_ref), whose row sum s_corr the
+    divergence gradient p_s ((q − q_ref) − s_corr) needs: it is added only with GRAD_KL."""
     kl_terms = tl.zeros_like(xs)
+    corr = kl_terms
     grad = tl.zeros_like(xs)
     if KL:
         ps = tl.exp2((xs - ms[:, None]) * c_t) * inv_zs[:, None]
         pt = tl.exp2((xt - mt[:, None]) * c_t) * inv_zt[:, None]
         # log p_s − log p_t, formed as u in pass A.
         v = ((xs - xt) - (ms - mt)[:, None]) * inv_t - delta[:, None]
-        small = _is_small(v)
-        phi = _series_e_minus_1_minus_x(v)
-        # Large or non-finite v (-inf logits): direct forms, with p_t = 0 terms dropped
-        # explicitly (0 · inf would be NaN).
-        direct = (ps - pt) - tl.where(pt > 0.0, pt * v, 0.0)
-        kl_terms = tl.where(small, pt * phi, direct)
         w = w_kl[:, None]
-        grad += tl.where(w != 0.0, w * tl.where(small, pt * (phi + v), ps - pt), 0.0)
+        if DIV == 0:
+            small = _is_small(v)
+            phi = _series_e_minus_1_minus_x(v)
+            # Large or non-finite v (-inf logits): direct forms, with p_t = 0 terms dropped
+            # explicitly (0 · inf would be NaN).
+            direct = (ps - pt) - tl.where(pt > 0.0, pt * v, 0.0)
+            kl_terms = tl.where(small, pt * phi, direct)
+            grad += tl.where(w != 0.0, w * tl.where(small, pt * (phi + v), ps - pt), 0.0)
+        else:
+            kl_terms, q = _divergence_terms(ps, pt, -v, beta, omb, DIV)
+            dq = q - q_ref[:, None]
+            corr = tl.where(ps > 0.0, ps * dq, 0.0)
+            if GRAD_KL:
+                grad += tl.where(w != 0.0, w * ps * (dq - s_corr[:, None]), 0.0)
         p1 = ps
     if CE:
         if not SHARE:
@@ -164,7 +247,7 @@ def _tile_outputs(
     if MSE:
         w = w_mse[:, None]
         grad += tl.where(w != 0.0, w * (xs - xt), 0.0)
-    return kl_terms, grad
+    return kl_terms, grad, corr
 
 
 @triton.jit
@@ -174,9 +257,11 @@ def fused_logits_kernel(
     labels_ptr, mask_ptr, scales_ptr,
     row_kl_ptr, row_ce_ptr, row_mse_ptr, grad_ptr,
     n_rows, n_cols, temperature, ignore_index,
+    kl_mult, beta, omb, logit_scale, softcap,
     KL: tl.constexpr, CE: tl.constexpr, MSE: tl.constexpr,
     HAS_MASK: tl.constexpr, WRITE_GRAD: tl.constexpr, SHARE: tl.constexpr,
     SINGLE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    DIV: tl.constexpr, TRANSFORM: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
@@ -188,6 +273,8 @@ def fused_logits_kernel(
     c_t = LOG2E * inv_t
     neg_inf = float("-inf")
     nan = float("nan")
+    # A divergence other than forward KL needs a row sum before its gradient: an extra pass.
+    ROW_SUM: tl.constexpr = KL and DIV != 0
 
     # Which terms each row takes part in.
     selected = row_ok
@@ -211,7 +298,7 @@ def fused_logits_kernel(
     w_ce = tl.where(ce_on, tl.load(scales_ptr + 1), 0.0)
     w_mse = tl.where(mse_on, tl.load(scales_ptr + 2), 0.0)
 
-    # ---- pass A: row statistics ----
+    # ---- pass A: row statistics (and, for ROW_SUM, the column of the student's maximum) ----
     ms = tl.full((ROWS,), neg_inf, tl.float32)
     mt = tl.full((ROWS,), neg_inf, tl.float32)
     m1 = tl.full((ROWS,), neg_inf, tl.float32)
@@ -220,15 +307,25 @@ def fused_logits_kernel(
     dz = tl.zeros((ROWS,), tl.float32)
     z1 = tl.zeros((ROWS,), tl.float32)
     sq = tl.zeros((ROWS,), tl.float32)
+    arg = tl.zeros((ROWS,), tl.int32)
     if SINGLE:
-        xs, xt, in_tile = _load_tiles(s_rows, t_rows, row_ok, cols0, n_cols, KL, MSE)
+        xs, xt, in_tile, dfac = _load_tiles(
+            s_rows, t_rows, row_ok, cols0, n_cols, logit_scale, softcap, KL, MSE, TRANSFORM
+        )
+        if ROW_SUM:
+            arg = tl.argmax(xs, axis=1).to(tl.int32)
         ms, zs, mt, zt, dz, m1, z1, sq = _tile_stats(
             xs, xt, in_tile, c_t, inv_t, ms, zs, mt, zt, dz, m1, z1, sq, KL, CE, MSE, SHARE
         )
     else:
         for start in range(0, n_cols, BLOCK):
             cols = start + cols0
-            xs, xt, in_tile = _load_tiles(s_rows, t_rows, row_ok, cols, n_cols, KL, MSE)
+            xs, xt, in_tile, dfac = _load_tiles(
+                s_rows, t_rows, row_ok, cols, n_cols, logit_scale, softcap, KL, MSE, TRANSFORM
+            )
+            if ROW_SUM:
+                tile_arg = tl.argmax(xs, axis=1).to(tl.int32) + start
+                arg = tl.where(tl.max(xs, axis=1) > ms, tile_arg, arg)
             ms, zs, mt, zt, dz, m1, z1, sq = _tile_stats(
                 xs, xt, in_tile, c_t, inv_t, ms, zs, mt, zt, dz, m1, z1, sq, KL, CE, MSE, SHARE
             )
@@ -264,35 +361,85 @@ def fused_logits_kernel(
     mt_safe = _finite_or_zero(mt)
     m1_safe = _finite_or_zero(m1)
 
-    # ---- pass B: KL terms and the gradient ----
+    # q at the student's most probable column: the gradient p_s (q − qbar) is formed as
+    # p_s ((q − q_ref) − Σ p_s (q − q_ref)), whose sum has no large term to lose digits to when
+    # that column's p_s is close to 1 (low T).
+    q_ref = tl.zeros((ROWS,), tl.float32)
+    if ROW_SUM:
+        xs_top = tl.load(s_rows + arg, mask=row_ok, other=0.0).to(tl.float32)
+        xt_top = tl.load(t_rows + arg, mask=row_ok, other=0.0).to(tl.float32)
+        xs_top, _unused = _transform(xs_top, logit_scale, softcap, TRANSFORM)
+        xt_top, _unused = _transform(xt_top, logit_scale, softcap, TRANSFORM)
+        ps_top = tl.exp2((xs_top - ms_safe) * c_t) * inv_zs
+        pt_top = tl.exp2((xt_top - mt_safe) * c_t) * inv_zt
+        d_top = delta - ((xs_top - xt_top) - (ms_safe - mt_safe)) * inv_t
+        _unused, q_ref = _divergence_terms(ps_top, pt_top, d_top, beta, omb, DIV)
+
+    # ---- pass B: divergence terms and the gradient (pass C writes it for ROW_SUM) ----
     kl_acc = tl.zeros((ROWS,), tl.float32)
+    s_corr = tl.zeros((ROWS,), tl.float32)
     if SINGLE:
-        kl_terms, grad = _tile_outputs(
+        kl_terms, grad, corr = _tile_outputs(
             xs, xt, cols0, label, c_t, inv_t, ms_safe, mt_safe, inv_zs, inv_zt, delta, m1_safe,
-            inv_z1, w_kl, w_ce, w_mse, KL, CE, MSE, SHARE,
+            inv_z1, w_kl, w_ce, w_mse, beta, omb, q_ref, s_corr,
+            KL, CE, MSE, SHARE, DIV, not ROW_SUM,
         )  # fmt: skip
         kl_acc = tl.sum(tl.where(in_tile, kl_terms, 0.0), axis=1)
+        if ROW_SUM:
+            s_corr = tl.sum(tl.where(in_tile, corr, 0.0), axis=1)
+            kl_terms, grad, corr = _tile_outputs(
+                xs, xt, cols0, label, c_t, inv_t, ms_safe, mt_safe, inv_zs, inv_zt, delta,
+                m1_safe, inv_z1, w_kl, w_ce, w_mse, beta, omb, q_ref, s_corr,
+                KL, CE, MSE, SHARE, DIV, True,
+            )  # fmt: skip
         if WRITE_GRAD:
+            if TRANSFORM != 0:
+                grad = grad * dfac
             grad = tl.where(bad[:, None], nan, grad)
             store_output(g_rows[:, None] + cols0[None, :], grad, in_tile)
     else:
         for start in range(0, n_cols, BLOCK):
             cols = start + cols0
-            xs, xt, in_tile = _load_tiles(s_rows, t_rows, row_ok, cols, n_cols, KL, MSE)
-            kl_terms, grad = _tile_outputs(
+            xs, xt, in_tile, dfac = _load_tiles(
+                s_rows, t_rows, row_ok, cols, n_cols, logit_scale, softcap, KL, MSE, TRANSFORM
+            )
+            kl_terms, grad, corr = _tile_outputs(
                 xs, xt, cols, label, c_t, inv_t, ms_safe, mt_safe, inv_zs, inv_zt, delta, m1_safe,
-                inv_z1, w_kl, w_ce, w_mse, KL, CE, MSE, SHARE,
+                inv_z1, w_kl, w_ce, w_mse, beta, omb, q_ref, s_corr,
+                KL, CE, MSE, SHARE, DIV, not ROW_SUM,
             )  # fmt: skip
             kl_acc += tl.sum(tl.where(in_tile, kl_terms, 0.0), axis=1)
-            if WRITE_GRAD:
+            if ROW_SUM:
+                s_corr += tl.sum(tl.where(in_tile, corr, 0.0), axis=1)
+            elif WRITE_GRAD:
+                if TRANSFORM != 0:
+                    grad = grad * dfac
+                grad = tl.where(bad[:, None], nan, grad)
+                store_output(g_rows[:, None] + cols[None, :], grad, in_tile)
+        if ROW_SUM and WRITE_GRAD:
+            # ---- pass C: the gradient of a divergence with a row sum ----
+            for start in range(0, n_cols, BLOCK):
+                cols = start + cols0
+                xs, xt, in_tile, dfac = _load_tiles(
+                    s_rows, t_rows, row_ok, cols, n_cols, logit_scale, softcap, KL, MSE,
+                    TRANSFORM,
+                )  # fmt: skip
+                kl_terms, grad, corr = _tile_outputs(
+                    xs, xt, cols, label, c_t, inv_t, ms_safe, mt_safe, inv_zs, inv_zt, delta,
+                    m1_safe, inv_z1, w_kl, w_ce, w_mse, beta, omb, q_ref, s_corr,
+                    KL, CE, MSE, SHARE, DIV, True,
+                )  # fmt: skip
+                if TRANSFORM != 0:
+                    grad = grad * dfac
                 grad = tl.where(bad[:, None], nan, grad)
                 store_output(g_rows[:, None] + cols[None, :], grad, in_tile)
 
     if KL:
-        kl_row = tl.where(kl_on, kl_acc * temperature * temperature, 0.0)
+        kl_row = tl.where(kl_on, kl_acc * kl_mult, 0.0)
         tl.store(row_kl_ptr + rows, tl.where(kl_nan, nan, kl_row), mask=row_ok)
     if CE:
         x_label = tl.load(s_rows + label, mask=ce_on & label_ok, other=0.0).to(tl.float32)
+        x_label, _unused = _transform(x_label, logit_scale, softcap, TRANSFORM)
         # lse(s) − s[label] = (max − s[label]) + log z1: the exact difference first (V = 1 gives 0).
         ce_row = tl.where(ce_on, (m1_safe - x_label) + tl.log(z1), 0.0)
         tl.store(row_ce_ptr + rows, tl.where(ce_nan, nan, ce_row), mask=row_ok)
@@ -304,10 +451,14 @@ def fused_logits_kernel(
 def launch(
     student, teacher, labels, mask_u8, scales, row_kl, row_ce, row_mse, grad, *,
     temperature: float, ignore_index: int, kl: bool, ce: bool, mse: bool,
+    divergence: int = 0, beta: float = 0.5, t2_scale: bool = True,
+    logit_scale: float = 1.0, softcap: float = 0.0,
 ) -> None:  # fmt: skip
     """Launch on 2-D ``(rows, cols)`` views with unit column stride. ``scales`` is a float32
     tensor [3] of gradient weights on the device; ``row_*`` are float32 ``(rows,)`` outputs for
-    the enabled terms; ``grad`` is a contiguous ``(rows, cols)`` buffer or None."""
+    the enabled terms; ``grad`` is a contiguous ``(rows, cols)`` buffer or None. ``divergence``:
+    the code of csrc/cpu/kernels.h (0 forward KL, 1 reverse KL, 2 JSD with ``beta``, 3 TVD);
+    ``logit_scale``/``softcap`` (0: off) transform both sides' logits before the temperature."""
     rows, cols = student.shape
     if rows == 0:
         return
@@ -325,6 +476,8 @@ def launch(
         row_mse if row_mse is not None else dummy,
         grad if grad is not None else student,
         rows, cols, float(temperature), int(ignore_index),
+        float(temperature) ** 2 if t2_scale else 1.0,
+        float(beta), 1.0 - float(beta), float(logit_scale), float(softcap) if softcap else 1.0,
         KL=kl, CE=ce, MSE=mse,
         HAS_MASK=mask_u8 is not None,
         WRITE_GRAD=grad is not None,
@@ -332,5 +485,7 @@ def launch(
         SINGLE=cols <= block,
         ROWS=rows_per_program,
         BLOCK=block,
+        DIV=int(divergence) if kl else 0,
+        TRANSFORM=2 if softcap else (1 if logit_scale != 1.0 else 0),
         num_warps=num_warps_for(rows_per_program * block),
     )  # fmt: skip
