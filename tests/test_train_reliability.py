@@ -383,3 +383,51 @@ def test_killed_at_any_point_resumes_to_the_same_weights(inp, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert not list(ckpt.checkpoint_root(out).glob(".tmp-*"))
+
+
+# ---- first use: the command line's edges and shared machines ------------------------------------
+
+
+def test_off_a_terminal_the_run_logs_lines_and_says_where_it_resumes(inp, tmp_path):
+    out = tmp_path / "run"
+    rc, err = _console(*_args(inp, out, "--max-steps", "4", "--progress-bar"))
+    assert rc == 0, err
+    assert "\r" not in err and "step 2/4" in err and "step 4/4" in err
+    rc, err = _console(*_args(inp, out, "--max-steps", "4", "--resume"))
+    assert rc == 0, err
+    assert "resuming from step 4" in err
+
+
+def test_print_config_alone_prints_a_template(capsys):
+    assert train_main(["--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# a template") and "learning_rate:" in out and "task: mlm" in out
+
+
+def test_report_of_a_directory_of_runs_names_them(tmp_path, capsys):
+    from fastdistill.__main__ import main as fastdistill_main
+
+    for name in ("teacher", "student"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    assert fastdistill_main(["report", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "student") in err and str(tmp_path / "teacher") in err
+
+
+def test_threads_follow_the_free_cores(monkeypatch):
+    from fastdistill.train import runtime
+
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (1.1, 0.0, 0.0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert runtime.choose_threads(None) == 3  # one core busy elsewhere
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert runtime.choose_threads(None) == 1  # an overloaded machine: one thread, never zero
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert runtime.choose_threads(None) == 2  # four free cores shared by two processes
+    assert runtime.choose_threads(5) == 5  # --num-threads wins
+    import fastdistill  # noqa: F401  (sets the wait policy unless the user did)
+
+    assert os.environ["OMP_WAIT_POLICY"]
