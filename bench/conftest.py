@@ -31,6 +31,21 @@ def pytest_addoption(parser):
     )
 
 
+def pytest_sessionstart(session):
+    """Refuse to time a fallback: without the compiled core the "fastdistill" rows would time
+    the plain-PyTorch reference and every ratio would be meaningless. FASTDISTILL_BACKEND=torch
+    (timing the reference on purpose) is allowed."""
+    from fastdistill import _native
+
+    wanted = os.environ.get("FASTDISTILL_BACKEND", "auto").strip().lower()
+    if not _native.available() and wanted != "torch":
+        pytest.exit(
+            f"bench: the compiled core is not importable ({_native.IMPORT_PROBLEM}); refusing to "
+            "time the plain-PyTorch fallback as fastdistill",
+            returncode=2,
+        )
+
+
 def pytest_report_header(config):
     info = harness.machine_info()
     return [

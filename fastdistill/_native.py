@@ -6,15 +6,49 @@ tensors into what the core expects (dtype codes, row strides, thread counts) so 
 
 from __future__ import annotations
 
+import os
+import warnings
+from pathlib import Path
+
 import torch
 
 try:
     from fastdistill import _C
-except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+except ImportError as exc:  # exercised on a source tree without a build, or a broken install
     _C = None
     _IMPORT_ERROR: ImportError | None = exc
 else:
     _IMPORT_ERROR = None
+
+
+def _diagnose(exc: ImportError | None) -> str | None:
+    """Why the core did not import, and the fix (Python's own message for a package without
+    ``_C`` blames a circular import, which is never the cause here)."""
+    if exc is None:
+        return None
+    pkg = Path(__file__).resolve().parent
+    if not any(pkg.glob("_C*.so")) and not any(pkg.glob("_C*.pyd")):
+        if (pkg.parent / "pyproject.toml").is_file():
+            return (
+                f"{pkg} is a source tree with no compiled core, imported instead of the installed "
+                "package because the current directory (or PYTHONPATH) comes first on sys.path: "
+                "run from another directory, or build it in place with `make install` "
+                "(pip install --no-build-isolation -e .)"
+            )
+        return f"{pkg} holds no compiled core: reinstall fastdistill (pip install .)"
+    return f"the compiled core failed to load ({exc}): reinstall fastdistill (pip install .)"
+
+
+IMPORT_PROBLEM = _diagnose(_IMPORT_ERROR)
+if IMPORT_PROBLEM and os.environ.get("FASTDISTILL_BACKEND", "auto").strip().lower() != "torch":
+    # Once, at import (not inside ops: they run under torch.compile traces).
+    warnings.warn(
+        f"fastdistill: {IMPORT_PROBLEM}. Until then the 'auto' backend runs the plain-PyTorch "
+        "reference on CPU tensors, many times slower (FASTDISTILL_BACKEND=torch chooses it "
+        "knowingly and silences this warning).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 # Must match csrc/cpu/simd_math.h (enum DType); 3 = float64 is understood by all_finite only.
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
@@ -39,9 +73,8 @@ def core():
     """The compiled module; raises a clear error when the build is missing."""
     if _C is None:
         raise RuntimeError(
-            "fastdistill's compiled core (fastdistill._C) could not be imported "
-            f"({_IMPORT_ERROR}). Reinstall with `pip install .` from the source tree, or use "
-            "FASTDISTILL_BACKEND=torch."
+            f"fastdistill's compiled core (fastdistill._C) is not importable: {IMPORT_PROBLEM}; "
+            "or use FASTDISTILL_BACKEND=torch"
         )
     return _C
 
