@@ -49,18 +49,18 @@ inline DivTerm reverse_kl_term(float ps, float pt, float d) {
 // and both are exact 0 at d = 0. With x = -|d| <= 0 the ratio on the side of the larger
 // probability is log(b + a e^x) (a = the weight of the smaller side, b = 1 - a): as
 // log1p(a expm1(x)) for small |x| (exact at 0; the log1p undoes the rounding of 1 + w), directly
-// otherwise (a sum of two positive terms). The other side's ratio differs by d.
+// otherwise (a sum of two positive terms). The other side's ratio differs by d. Both branches
+// share one evaluation of the log's series (fd_log_join): the small one passes w straight as the
+// log1p argument, so 1 + w is never rounded.
 inline void jsd_log_ratios(float d, const DivConsts& c, float& rho_s, float& rho_t) {
   const bool student_larger = d <= 0.0f;  // false for NaN, which then propagates
   const float a = student_larger ? c.beta : c.one_minus_beta;
   const float b = student_larger ? c.one_minus_beta : c.beta;
   const float x = student_larger ? d : -d;
   const bool small = x > -0.25f;
-  const float ex = fd_exp2(x * 1.44269504088896341f);
-  const float w = a * (small ? expm1_small(x) : ex - 1.0f);
-  const float u = small ? 1.0f + w : b + a * ex;
-  const float log_u = fd_log(u);
-  const float r = small ? (u == 1.0f ? w : log_u * (w / (u - 1.0f))) : log_u;
+  float e, f;
+  fd_log_split(b + a * fd_exp2(x * 1.44269504088896341f), e, f);
+  const float r = fd_log_join(small ? 0.0f : e, small ? a * expm1_small(x) : f);
   rho_s = student_larger ? r : r + d;
   rho_t = student_larger ? r - d : r;
 }

@@ -52,18 +52,22 @@ static inline float fd_exp2(float y) {
   return yc < -125.0f ? 0.0f : v;
 }
 
-// Natural log in fp32 for normal x > 0, the form the divergence loops use (vectorisable like
-// fd_exp2; glibc's logf is not, for the same reason). x = 2^e m with m in [sqrt(1/2), sqrt(2)),
-// log m = 2 atanh(s) with s = (m - 1) / (m + 1), |s| <= 0.1716, by its odd series to s^9
-// (truncation below 1e-9). Zero, denormals, +inf and NaN are not handled: the callers pass
-// values in [1e-38, 2^64] or check their input first.
-static inline float fd_log(float x) {
+// Natural log in fp32, vectorisable like fd_exp2 (glibc's logf is not, for the same reason), in
+// two halves so that a caller can feed the second one a log1p argument of its own (one division
+// for either): x = 2^e (1 + f) with 1 + f in [sqrt(1/2), sqrt(2)), then
+// log x = e ln 2 + log1p(f), log1p(f) = 2 atanh(s) with s = f / (2 + f), |s| <= 0.1716, by its odd
+// series to s^9 (truncation below 1e-9). fd_log_split handles normal x > 0 only (zero,
+// denormals, +inf and NaN are not: the callers pass values in [1e-38, 2^64]).
+static inline void fd_log_split(float x, float& e, float& f) {
   const uint32_t bits = float_to_bits(x);
   const float m1 = bits_to_float((bits & 0x007fffffu) | 0x3f800000u);  // [1, 2)
   const bool big = m1 > 1.41421356f;
-  const float m = big ? 0.5f * m1 : m1;
-  const float e = static_cast<float>(static_cast<int32_t>((bits >> 23) & 0xffu) - (big ? 126 : 127));
-  const float f = m - 1.0f;  // exact (Sterbenz)
+  f = (big ? 0.5f * m1 : m1) - 1.0f;  // exact (Sterbenz)
+  e = static_cast<float>(static_cast<int32_t>((bits >> 23) & 0xffu) - (big ? 126 : 127));
+}
+
+// e ln 2 + log1p(f) for |f| <= 0.4143 (exact 0 at e = f = 0).
+static inline float fd_log_join(float e, float f) {
   const float s = f / (2.0f + f);
   const float s2 = s * s;
   float p = 1.0f / 9.0f;
@@ -72,6 +76,12 @@ static inline float fd_log(float x) {
   p = p * s2 + 1.0f / 3.0f;
   p = p * s2 + 1.0f;
   return e * 0.693147180559945309f + 2.0f * s * p;
+}
+
+static inline float fd_log(float x) {
+  float e, f;
+  fd_log_split(x, e, f);
+  return fd_log_join(e, f);
 }
 
 // ---- element loads/stores: fp32 math on fp32/bf16/fp16 storage --------------------------------
