@@ -150,6 +150,7 @@ def _config(root, out, **kw):
         progress_bar=False,
         tensorboard=False,
         toy_target_scale=2.0,
+        num_threads=1,  # the same threads in every run: bit-identical resume
     )
     return base | kw
 
@@ -178,7 +179,7 @@ def test_a_task_defined_here_trains_through_the_unchanged_trainer(toy, capsys):
     args += ["--output-dir", str(toy / "cli")]
     args += ["--batch-size", "8", "--learning-rate", "3e-3", "--log-interval", "5"]
     args += ["--save-interval", "10", "--no-progress-bar", "--no-tensorboard"]
-    args += ["--toy-target-scale", "2.0", "--max-steps", "20"]
+    args += ["--toy-target-scale", "2.0", "--max-steps", "20", "--num-threads", "1"]
     with pytest.raises(_Stop):
         train(TrainConfig.from_dict(_config(toy, toy / "cli")), on_step_end=_stop_at(10))
     assert train_main([*args, "--resume"]) == 0

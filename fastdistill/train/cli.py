@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: runs/demo), --progress-bar and --tensorboard",
     )
     parser.add_argument(
+        "--write-teacher-cache",
+        metavar="DIR",
+        help="run the teacher once over --train-files and write its top --teacher-top-k "
+        "log-probabilities per token to DIR (resumable; then train with --teacher-cache DIR "
+        "without loading the teacher)",
+    )
+    parser.add_argument(
         "--print-config",
         action="store_true",
         help="print the resolved configuration as YAML and exit",
@@ -99,10 +106,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         from fastdistill.train.runtime import choose_threads
-        from fastdistill.train.trainer import train
 
         torch.set_num_threads(choose_threads(cfg.num_threads))
-        summary = train(cfg)
+        if args.write_teacher_cache:
+            from fastdistill.train.teacher_cache import write
+
+            summary = write(cfg, args.write_teacher_cache)
+        else:
+            from fastdistill.train.trainer import train
+
+            summary = train(cfg)
     except (ValueError, OSError) as exc:  # bad input; OSError: a path the checks did not foresee
         print(f"fastdistill-train: error: {exc}", file=sys.stderr)
         return 2
@@ -114,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("steps", "skipped_steps", "eval_before", "eval_after", "eval", "figure")
+        if args.write_teacher_cache:
+            keys = tuple(summary)
         print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=1))
     return 0
 

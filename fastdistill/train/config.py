@@ -24,12 +24,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastdistill.train import fields, fsutil
+from fastdistill.train import checks, fields, fsutil
 from fastdistill.train.fields import option
 
 MIXED_PRECISION = ("none", "bf16", "fp16")
 LOSS_IMPLS = ("fused", "eager")
 DEVICES = ("auto", "cpu", "cuda")
+TOPK_NORMALIZATIONS = ("full", "renormalized", "tail")
 
 
 @dataclass
@@ -102,6 +103,28 @@ class TrainConfig:
         None,
         "weight of 1 - cos(last hidden states) over attended tokens (default 1.0 with a teacher; "
         "0 for squad)",
+    )
+    teacher_cache: str | None = option(
+        None,
+        "train from a teacher cache written by --write-teacher-cache (the teacher's top-k "
+        "log-probabilities per token) instead of running the teacher; needs --student-config or "
+        "--student-pretrained",
+        metavar="DIR",
+    )
+    teacher_top_k: int | None = option(
+        None,
+        "log-probabilities kept per token by --write-teacher-cache (default 64); with "
+        "--teacher-cache, the k the cache must have",
+    )
+    capture_temperature: float = option(
+        1.0, "--write-teacher-cache: the teacher's log-probabilities are log_softmax(logits / this)"
+    )
+    topk_normalization: str = option(
+        "full",
+        "how a teacher cache's top-k targets meet the student: full (the student's softmax over "
+        "the whole vocabulary), renormalized (both over the top-k), tail (a (k+1)-th bucket "
+        "with the rest of the mass; needs temperature = the capture temperature)",
+        choices=TOPK_NORMALIZATIONS,
     )
     loss_impl: str = option(
         "fused",
@@ -209,10 +232,7 @@ class TrainConfig:
         for name in ("alpha_kl", "alpha_cos", "max_length"):
             if getattr(self, name) is None:
                 raise ValueError(f"{name} is unresolved; call TrainConfig.resolved()")
-        _validate_numbers(self)
-        _validate_schedule(self)
-        _validate_run(self)
-        _validate_models(self)
+        checks.validate_general(self)
         task = self.task_class()
         self.options.validate(self)
         task.validate(self)
@@ -273,10 +293,20 @@ def _other_task_keys(task_name: str) -> dict[str, tuple[str, dataclasses.Field]]
     return out
 
 
+# Defaults some keys had in earlier versions: configs written then hold them for every task.
+EARLIER_DEFAULTS = {"mlm_smoothing": (0.7,)}
+
+
 def _at_rest(name: str, value: Any, f: dataclasses.Field) -> bool:
-    """Whether a key of another task holds its default (or, for a loss weight, 0)."""
+    """Whether a key of another task holds its default, an earlier default, or (for a loss
+    weight) 0."""
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    return value is None or value == default or (name.startswith("alpha_") and value == 0)
+    return (
+        value is None
+        or value == default
+        or value in EARLIER_DEFAULTS.get(name, ())
+        or (name.startswith("alpha_") and value == 0)
+    )
 
 
 def _check_keys(data, general, own, task_name: str, source: str) -> None:
@@ -349,105 +379,6 @@ def load_mapping(path: str | os.PathLike) -> dict[str, Any]:
         problem = getattr(exc, "problem", None) or exc
         raise ValueError(f"{path}: not valid YAML ({problem}{where})") from None
     return {} if data is None else data
-
-
-# ---- validation of the general keys -------------------------------------------------------------
-
-
-def _validate_numbers(c: TrainConfig) -> None:
-    for f in general_fields():
-        if f.metadata.get("choices"):
-            fields.choice(f.name, getattr(c, f.name), f.metadata["choices"])
-    fields.check_all(fields.nonneg, c, ("alpha_kl", "alpha_mse", "alpha_cos", "weight_decay"))
-    fields.check_all(fields.nonneg, c, ("max_grad_norm",))
-    fields.check_all(fields.positive, c, ("temperature", "learning_rate", "adam_epsilon"))
-    fields.check_all(
-        fields.positive_int,
-        c,
-        (
-            "batch_size",
-            "gradient_accumulation_steps",
-            "log_interval",
-            "save_interval",
-            "max_length",
-            "keep_checkpoints",
-            "max_consecutive_skips",
-        ),
-    )
-    fields.unit("warmup_ratio", c.warmup_ratio)
-    if c.num_threads is not None:
-        fields.positive_int("num_threads", c.num_threads)
-    for name in ("adam_beta1", "adam_beta2"):
-        v = getattr(c, name)
-        if not (0 <= v < 1):
-            raise ValueError(f"{name} must be in [0, 1), got {v}")
-    if c.max_length < 4:
-        raise ValueError(
-            f"max_length must be >= 4 (two special tokens and some text), got {c.max_length}"
-        )
-
-
-def _validate_schedule(c: TrainConfig) -> None:
-    fields.nonneg_int("num_epochs", c.num_epochs)
-    if c.max_steps is not None:
-        fields.positive_int("max_steps", c.max_steps)
-    elif c.num_epochs == 0:
-        raise ValueError("num_epochs must be > 0 when max_steps is not set")
-    if c.warmup_steps is not None:
-        fields.nonneg_int("warmup_steps", c.warmup_steps)
-    if c.save_interval % c.log_interval:
-        raise ValueError(
-            f"save_interval ({c.save_interval}) must be a multiple of log_interval "
-            f"({c.log_interval}): checkpoints are written where the run syncs with the host"
-        )
-    if c.eval_interval is not None:
-        fields.positive_int("eval_interval", c.eval_interval)
-        if c.eval_interval % c.log_interval:
-            raise ValueError(
-                f"eval_interval ({c.eval_interval}) must be a multiple of log_interval "
-                f"({c.log_interval})"
-            )
-
-
-def _validate_run(c: TrainConfig) -> None:
-    if c.do_eval:
-        if not c.eval_files:
-            raise ValueError("do_eval needs eval_files (--eval-files FILE ...)")
-        if not c.student_pretrained:
-            raise ValueError(
-                "do_eval evaluates --student-pretrained: give the model directory (a run's "
-                "final/ or a checkpoint)"
-            )
-        if c.resume:
-            raise ValueError("do_eval does not train: it cannot be combined with resume")
-    elif not c.train_files:
-        raise ValueError(
-            "train_files is empty: give at least one text file (--train-files FILE ...)"
-        )
-
-
-def _validate_models(c: TrainConfig) -> None:
-    if c.student_config and c.student_pretrained:
-        raise ValueError("give at most one of student_config and student_pretrained")
-    if c.student_layers is not None:
-        if c.student_config or c.student_pretrained:
-            raise ValueError(
-                "student_layers only applies to a student initialised from the teacher"
-            )
-        if not c.student_layers:
-            raise ValueError("student_layers must name at least one teacher layer")
-        if any(i < 0 for i in c.student_layers):
-            raise ValueError(f"student_layers must be >= 0, got {c.student_layers}")
-    if c.teacher is None:
-        if c.alpha_kl > 0 or c.alpha_mse > 0 or c.alpha_cos > 0:
-            raise ValueError(
-                "alpha_kl, alpha_mse and alpha_cos need a teacher; without --teacher only the "
-                "hard MLM/CLM loss is trained"
-            )
-        if not (c.student_config or c.student_pretrained):
-            raise ValueError("without a teacher, give --student-config or --student-pretrained")
-        if c.tokenizer is None and not c.do_eval:
-            raise ValueError("without a teacher, give --tokenizer")
 
 
 # ---- type coercion of file values -----------------------------------------------------------------

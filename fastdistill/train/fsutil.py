@@ -45,6 +45,10 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def make_tmp_dir(parent: Path, tag: str = "") -> Path:
     """A new ``parent/.tmp-<pid>-<tag>*`` directory (see :func:`remove_stale_tmp`)."""
     return Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{tag}", dir=parent))

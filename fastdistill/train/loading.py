@@ -67,3 +67,32 @@ def check_tokenizer_dir(path: str | None) -> None:
             f"{path} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...): give the "
             "tokenizer's directory with --tokenizer"
         )
+
+
+def tokenizer_for(cfg, task):
+    """The run's tokenizer: ``--tokenizer``, else the teacher's, else the student's."""
+    from fastdistill.train.student import model_dir
+
+    for key in ("teacher", "student_pretrained", "student_config", "tokenizer"):
+        check_path("--" + key.replace("_", "-"), getattr(cfg, key))
+    student_dir = model_dir(cfg.student_pretrained) if cfg.student_pretrained else None
+    path = cfg.tokenizer or cfg.teacher or student_dir
+    check_tokenizer_dir(path)
+    return load("tokenizer", path, lambda: task.load_tokenizer(path))
+
+
+def teacher_for(cfg, task):
+    """The teacher model, frozen in eval mode on the task's device (``None`` without one)."""
+    if cfg.teacher is None:
+        return None
+    return load("teacher", cfg.teacher, lambda: task.load_teacher(cfg.teacher))
+
+
+def data_everywhere(task, tokenizer, files: dict, procs) -> dict:
+    """The task's data sets on every process: rank 0 tokenises and caches, then the others read
+    the cache."""
+    data = task.load_data(tokenizer, files, build=True) if procs.is_main else {}
+    procs.barrier()
+    if not procs.is_main:
+        data = task.load_data(tokenizer, files, build=False)
+    return data

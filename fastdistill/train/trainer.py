@@ -51,7 +51,7 @@ from fastdistill.train.runtime import (
     select_device,
     step_seed,
 )
-from fastdistill.train.student import count_parameters, model_dir
+from fastdistill.train.student import count_parameters
 from fastdistill.train.tasks import LOSS_TERMS
 
 log = logging.getLogger("fastdistill.train")
@@ -125,17 +125,9 @@ class Trainer:
 
     def _setup_models(self) -> None:
         cfg, task = self.cfg, self.task
-        for key in ("teacher", "student_pretrained", "student_config", "tokenizer"):
-            loading.check_path("--" + key.replace("_", "-"), getattr(cfg, key))
-        student_dir = model_dir(cfg.student_pretrained) if cfg.student_pretrained else None
-        tok_path = cfg.tokenizer or cfg.teacher or student_dir
-        loading.check_tokenizer_dir(tok_path)
-        self.tokenizer = loading.load("tokenizer", tok_path, lambda: task.load_tokenizer(tok_path))
-        self.teacher = None
-        if cfg.teacher is not None:
-            self.teacher = loading.load(
-                "teacher", cfg.teacher, lambda: task.load_teacher(cfg.teacher)
-            )
+        self.tokenizer = loading.tokenizer_for(cfg, task)
+        # With a teacher cache the teacher is never loaded (its top-k come from the cache).
+        self.teacher = None if cfg.teacher_cache else loading.teacher_for(cfg, task)
         where = self.resume_from or cfg.student_pretrained or cfg.student_config or cfg.teacher
         self.student = loading.load(
             "student", where, lambda: task.build_student(self.teacher, self.resume_from)
@@ -148,21 +140,14 @@ class Trainer:
             )
 
     def _setup_data(self) -> None:
-        """Rank 0 tokenises and caches; the other ranks then read the cache."""
         cfg = self.cfg
-        files = (
-            {"eval": cfg.eval_files}
-            if cfg.do_eval
-            else {
-                "train": cfg.train_files,
-                "eval": cfg.eval_files,
-            }
-        )
-        data = self.task.load_data(self.tokenizer, files, build=True) if self.procs.is_main else {}
-        self.procs.barrier()
-        if not self.procs.is_main:
-            data = self.task.load_data(self.tokenizer, files, build=False)
+        files = {"eval": cfg.eval_files}
+        if not cfg.do_eval:
+            files["train"] = cfg.train_files
+        data = loading.data_everywhere(self.task, self.tokenizer, files, self.procs)
         self.train_data, self.eval_data = data.get("train"), data.get("eval")
+        if cfg.teacher_cache and not cfg.do_eval:
+            self.task.use_teacher_cache(cfg.teacher_cache, self.tokenizer, self.train_data)
 
     def _setup_schedule(self) -> None:
         cfg = self.cfg

@@ -80,6 +80,9 @@ class Task:
     Options: ClassVar[type[TaskOptions]] = TaskOptions
     # Keys of :meth:`token_counts`; the default ``w`` groups of :meth:`loss`.
     normalizers: ClassVar[tuple[str, ...]] = ("kl",)
+    # Whether the teacher's outputs can be cached once (inputs that do not change between epochs,
+    # vocabulary logits): see fastdistill/train/teacher_cache.py and :meth:`use_teacher_cache`.
+    supports_teacher_cache: ClassVar[bool] = False
 
     def __init__(self, cfg, device: torch.device):
         self.cfg = cfg
@@ -92,11 +95,11 @@ class Task:
     def fill_defaults(cls, cfg) -> None:
         """Fill the general keys left ``None`` whose default depends on the task (e.g.
         ``alpha_kl``, ``max_length``); the base gives the DistilBERT recipe's."""
-        teacher = cfg.teacher is not None
+        teacher = cfg.teacher is not None or cfg.teacher_cache is not None
         if cfg.alpha_kl is None:
             cfg.alpha_kl = 5.0 if teacher else 0.0
-        if cfg.alpha_cos is None:
-            cfg.alpha_cos = 1.0 if teacher else 0.0
+        if cfg.alpha_cos is None:  # a teacher cache holds no hidden states
+            cfg.alpha_cos = 1.0 if teacher and cfg.teacher_cache is None else 0.0
         if cfg.max_length is None:
             cfg.max_length = 128
 
@@ -186,6 +189,11 @@ class Task:
         """The batch of examples ``indices``; ``stream`` = epoch + 1 (0 for evaluation) seeds
         any per-example randomness, so a resumed run draws the same."""
         raise NotImplementedError
+
+    def use_teacher_cache(self, path: str, tokenizer, train_data) -> None:
+        """Take the teacher's targets for ``train_data`` from the cache at ``path`` (the teacher
+        is not loaded); tasks with ``supports_teacher_cache`` implement it."""
+        raise ValueError(f"--task {self.name} cannot train from a teacher cache")
 
     # ---- the step ------------------------------------------------------------------------------------
 

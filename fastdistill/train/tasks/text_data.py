@@ -267,17 +267,21 @@ class Batch:
     labels: torch.Tensor | None  # (B, L) int64 MLM targets / next tokens, IGNORE_INDEX elsewhere
     pred_mask: torch.Tensor | None  # (B, L) bool, tokens selected for MLM prediction
     num_tokens: int  # attended tokens (host int)
+    # From a teacher cache: (ids (B, L, k) int64, log-probs (B, L, k) float32, tail (B, L)).
+    teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def to(self, device) -> Batch:
         def mv(t):
             return None if t is None else t.to(device, non_blocking=True)
 
+        topk = None if self.teacher_topk is None else tuple(mv(t) for t in self.teacher_topk)
         return Batch(
             mv(self.input_ids),
             mv(self.attention_mask),
             mv(self.labels),
             mv(self.pred_mask),
             self.num_tokens,
+            topk,
         )
 
     def model_inputs(self, model) -> dict[str, torch.Tensor]:
