@@ -84,5 +84,5 @@ def ptr(t: torch.Tensor | None) -> int:
 
 
 def num_threads() -> int:
-    # DESIGN.md §3: the core uses as many threads as torch does.
+    # ARCHITECTURE.md ("Layers"): the core uses as many threads as torch does.
     return max(1, torch.get_num_threads())

@@ -1,4 +1,4 @@
-"""Shared helpers for the numerics tests (DESIGN.md section 5).
+"""Shared helpers for the numerics tests (ARCHITECTURE.md, "Numerics rules").
 
 The oracle is ``fastdistill.reference`` evaluated in float64 on the SAME already-rounded inputs
 (``x.double()`` of the bf16/fp16/fp32 tensor the kernel sees), so it shares none of the kernel's

@@ -20,7 +20,7 @@ import sys
 # every torch op after a fastdistill call (and vice versa) 10-100x slower. Passive waiting keeps
 # the suite fast; it must be set before torch is imported. (Reported upstream as a library issue.)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# The Triton kernels run on CPU tensors through the Triton interpreter (DESIGN.md section 7).
+# The Triton kernels run on CPU tensors through the Triton interpreter (ARCHITECTURE.md, "Numerics rules").
 # Triton reads this when a kernel module is imported, so it is set before anything imports one.
 # A GPU run (tools/gpu/gpu_check.sh) sets TRITON_INTERPRET=0 to compile them for the device
 # instead.

@@ -74,7 +74,7 @@ def test_set_unknown_isa_raises(core, restore_isa, name):
 
 
 def test_core_does_not_link_libtorch(core):
-    # DESIGN.md section 3: the core must not depend on libtorch, so wheels work with any torch.
+    # ARCHITECTURE.md ("Layers"): the core must not depend on libtorch, so wheels work with any torch.
     ldd = shutil.which("ldd")
     if ldd is None:
         pytest.skip("ldd is not available")

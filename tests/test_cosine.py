@@ -1,5 +1,5 @@
 """cosine_loss / CosineLoss / torch.ops.fastdistill.cosine against the float64 oracle and
-nn.CosineEmbeddingLoss (DESIGN.md §5)."""
+nn.CosineEmbeddingLoss (ARCHITECTURE.md, "Numerics rules")."""
 
 from __future__ import annotations
 

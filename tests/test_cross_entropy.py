@@ -1,5 +1,5 @@
 """cross_entropy / CrossEntropyLoss / torch.ops.fastdistill.cross_entropy against the float64 oracle
-and torch.nn.functional.cross_entropy (DESIGN.md §5)."""
+and torch.nn.functional.cross_entropy (ARCHITECTURE.md, "Numerics rules")."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """distillation_loss / DistillationLoss / torch.ops.fastdistill.distillation: the float64 oracle,
-and equality with kl_div_loss + cross_entropy + mse_loss computed separately (DESIGN.md §5)."""
+and equality with kl_div_loss + cross_entropy + mse_loss computed separately (ARCHITECTURE.md, "Numerics rules")."""
 
 from __future__ import annotations
 

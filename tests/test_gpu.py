@@ -1,5 +1,5 @@
 """GPU tests: the ``triton`` and ``native`` (CUDA) backends on CUDA tensors of realistic size,
-against the float64 oracle (tests/_oracle.py's rules, DESIGN.md §5).
+against the float64 oracle (tests/_oracle.py's rules, ARCHITECTURE.md "Numerics rules").
 
 Every test is marked ``gpu`` and skips, with the reason, where there is no CUDA device (every
 development and CI machine); a backend that cannot run (the core built without CUDA kernels, no
@@ -440,7 +440,7 @@ OPS = ("kl_div", "mse", "cross_entropy", "distillation", "cosine", "all_finite")
 
 @pytest.mark.parametrize("op", OPS)
 def test_no_host_sync(gpu_backend, op):
-    """DESIGN.md §4: no host synchronisation in forward or backward (torch's sync debug mode
+    """ARCHITECTURE.md ("Op conventions"): no host synchronisation in forward or backward (torch's sync debug mode
     raises on .item(), a blocking copy to the host, a stream synchronize, ...)."""
     _require(op)
     call = _op_calls()[op]

@@ -1,4 +1,4 @@
-"""kl_div_loss / KLDivLoss / torch.ops.fastdistill.kl_div against the float64 oracle (DESIGN.md §5)."""
+"""kl_div_loss / KLDivLoss / torch.ops.fastdistill.kl_div against the float64 oracle (ARCHITECTURE.md, "Numerics rules")."""
 
 from __future__ import annotations
 
@@ -293,7 +293,7 @@ TORCH_BACKEND_CANCELLATION = pytest.mark.xfail(
     reason=(
         "library numerics bug: FASTDISTILL_BACKEND=torch evaluates reference.kl_div_loss in fp32, "
         "pt * (log_pt - log_ps) with log-softmaxes rounded separately; with the student close to the "
-        "teacher the loss is off by 1e-2..1 relative (budget 1e-5, DESIGN.md §5)"
+        "teacher the loss is off by 1e-2..1 relative (budget 1e-5, ARCHITECTURE.md)"
     ),
 )
 

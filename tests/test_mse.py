@@ -1,4 +1,4 @@
-"""mse_loss / MSELoss / torch.ops.fastdistill.mse against the float64 oracle (DESIGN.md §5)."""
+"""mse_loss / MSELoss / torch.ops.fastdistill.mse against the float64 oracle (ARCHITECTURE.md, "Numerics rules")."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from fastdistill import _buffers, _native
 from fastdistill.backend import BackendUnavailableError
 
-# ---- validation (DESIGN.md §5: bad input raises ValueError/TypeError naming the argument) -----
+# ---- validation (bad input raises ValueError/TypeError naming the argument) ----------------------
 
 
 def check_tensor(x: object, name: str) -> Tensor:

@@ -268,10 +268,10 @@ class TeacherCache:
 def write(cfg, out_dir: str | os.PathLike) -> dict[str, Any]:
     """Run ``cfg``'s teacher once over its training data and write the top-``teacher_top_k``
     cache to ``out_dir`` (module doc); returns the manifest's summary."""
+    import transformers
+
     from fastdistill.train import loading
     from fastdistill.train.runtime import Processes, process_group, select_device
-
-    import transformers
 
     cfg = cfg.resolved()
     if cfg.teacher is None:

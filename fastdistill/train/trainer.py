@@ -39,14 +39,13 @@ from torch import nn
 
 from fastdistill import losses as FL
 from fastdistill.train import checkpoint as ckpt
-from fastdistill.train import fsutil, loading, rundir
+from fastdistill.train import fsutil, loading, optimization, rundir
 from fastdistill.train.batching import BatchPlan
 from fastdistill.train.config import TrainConfig
 from fastdistill.train.interval import IntervalStats, finite_or_none
 from fastdistill.train.metrics import MetricsLogger, plot_metrics
 from fastdistill.train.runtime import (
     Processes,
-    lr_lambda,
     process_group,
     select_device,
     step_seed,
@@ -167,32 +166,9 @@ class Trainer:
         )
 
     def _setup_optimizer(self) -> None:
-        cfg = self.cfg
-        trainable = [p for p in self.student.parameters() if p.requires_grad]
-        decay = [p for p in trainable if p.ndim >= 2]
-        no_decay = [p for p in trainable if p.ndim < 2]  # biases, norms
-        # fused=True: one kernel per step, and it honours `found_inf` on the device (the NaN skip).
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": cfg.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=cfg.learning_rate,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_epsilon,
-            fused=True,
-        )
-        self.params = trainable
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(self.total_steps, self.warmup)
-        )
-        amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=amp) if amp else contextlib.nullcontext()
-        )
-        self.scaler = (
-            torch.amp.GradScaler(self.device.type) if cfg.mixed_precision == "fp16" else None
-        )
+        opt = optimization.build(self.cfg, self.student, self.total_steps, self.warmup, self.device)
+        self.optimizer, self.scheduler, self.scaler = opt.optimizer, opt.scheduler, opt.scaler
+        self.autocast, self.params = opt.autocast, opt.params
 
     def _restore(self) -> None:
         """The optimizer, schedule and data position of the checkpoint being resumed."""

@@ -1,4 +1,4 @@
-"""Triton kernels (DESIGN.md §2), one module per kernel, imported only when the ``triton`` backend
+"""Triton kernels (ARCHITECTURE.md, "Layers"), one module per kernel, imported only when the ``triton`` backend
 runs (this package itself does not import triton).
 
 The logits ops (kl_div, cross_entropy, mse, distillation) are one kernel with loss terms switched

@@ -8,14 +8,14 @@ import triton.language as tl
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 # Elements per program (ROWS x BLOCK) when rows are shorter than a kernel's largest row tile, and
 # the most rows per program: every per-row statistic is a ROWS-vector, and 128 rows of the
-# three-term logits kernel spilled (bench/triton_compile_check.py); 16 do not. The interpreter
+# three-term logits kernel spilled (tools/gpu/triton_compile_check.py); 16 do not. The interpreter
 # pays a Python overhead per operation instead, so it takes far larger programs.
 TILE_ELEMENTS = 65536 if INTERPRETED else 4096
 MAX_ROWS = 4096 if INTERPRETED else 16
 
 # The Triton interpreter (TRITON_INTERPRET=1, how the kernels are tested without a GPU) converts
 # float32 to bfloat16 by truncation; compiled kernels round to nearest even. Rounding by hand in
-# the interpreter keeps the tested results equal to what a GPU writes (within the DESIGN.md §5
+# the interpreter keeps the tested results equal to what a GPU writes (within the ARCHITECTURE.md
 # bound, which truncation exceeds by ~2x).
 ROUND_BF16_BY_HAND = tl.constexpr(INTERPRETED)
 

@@ -1,6 +1,6 @@
 """Triton kernel for the logits losses: KL at temperature T (× T²), hard cross-entropy and logit
 MSE, any subset in one row loop. Serves the kl_div, cross_entropy, mse and distillation ops, as
-csrc/cpu/fused_logits.cpp does on the CPU (DESIGN.md §1: a loss term is a small function inside
+csrc/cpu/fused_logits.cpp does on the CPU (ARCHITECTURE.md, "Layers": a loss term is a small function inside
 one shared row loop, not a copy of the kernel).
 
 Per row (a program takes ROWS rows × BLOCK columns at a time: one row of a large vocabulary, or
