@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from fastdistill.train import cli, demo
+from fastdistill.train import cli, demo, metrics
 from fastdistill.train.config import TrainConfig
 from fastdistill.train.tasks.mlm import MLMOptions
 
@@ -84,6 +84,10 @@ def test_quick_demo_end_to_end(tmp_path):
         == result["student"]
     )
     assert "top-1 agreement" in demo.format_demo(result)
+    # The figure holds the held-out numbers the demo prints, before and after.
+    panels = metrics.eval_panels(metrics.read_metrics(run / metrics.METRICS_FILE))
+    kl = next(lines["kl_to_teacher"] for lines in panels.values() if "kl_to_teacher" in lines)
+    assert kl == ([0, 6], [result["before"]["kl_to_teacher"], result["after"]["kl_to_teacher"]])
     # What demo_configs shows (--demo --print-config) is what ran: every key it sets.
     configs = demo.demo_configs(
         tmp_path / "demo", quick=True, progress_bar=False, tensorboard=False

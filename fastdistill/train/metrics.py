@@ -1,5 +1,6 @@
-"""Run metrics: one JSON line per log interval (``RUN/metrics.jsonl``), the same scalars in
-tensorboard (``RUN/tensorboard``), and a figure of the run (``RUN/metrics.png``) drawn at the end
+"""Run metrics: one JSON line per log interval (``RUN/metrics.jsonl``) and one per held-out
+evaluation (``"kind": "eval"``), the same scalars in tensorboard (``RUN/tensorboard``), and a
+figure of the run (``RUN/metrics.png``: training curves and every held-out metric) drawn at the end
 and by ``fastdistill report RUN_DIR``."""
 
 from __future__ import annotations
