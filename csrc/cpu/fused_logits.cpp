@@ -443,39 +443,32 @@ struct DivParams {
   DivConsts c;
 };
 
-// The student's and teacher's transformed logits x' into a and (for the student, with dfac not
-// null) dx'/dx into dfac; returns max x'. softcap uses tanh/cosh, which do not vectorise (scalar
-// loop, a rarely used path); logit_scale alone is one multiply.
+// softcap: the student's and teacher's transformed logits x' into a and (for the student, with
+// dfac not null) dx'/dx into dfac. tanh/cosh do not vectorise: a scalar loop (a rarely used path
+// whose result the vectorised passes then read like fp32 logits).
 template <typename T>
-float transform_row(const T* x, int64_t n, const DivParams& p, float* a, float* dfac) {
-  float m = -kInf;
-  const float scale = p.logit_scale, cap = p.softcap;
-  if (cap > 0.0f) {
-    const float inv_cap = 1.0f / cap;
-    for (int64_t j = 0; j < n; ++j) {
-      const float y = load(x, j) * scale * inv_cap;
-      const float v = cap * std::tanh(y);
-      a[j] = v;
-      m = v > m ? v : m;
-      if (dfac) {
-        const float ch = std::cosh(y);  // +inf for |y| > 89: derivative 0
-        dfac[j] = scale / (ch * ch);
-      }
-    }
-    return m;
-  }
-#pragma omp simd reduction(max : m)
+void softcap_row(const T* x, int64_t n, const DivParams& p, float* a, float* dfac) {
+  const float scale = p.logit_scale, cap = p.softcap, inv_cap = 1.0f / cap;
   for (int64_t j = 0; j < n; ++j) {
-    const float v = load(x, j) * scale;
-    a[j] = v;
-    m = v > m ? v : m;
+    const float y = load(x, j) * scale * inv_cap;
+    a[j] = cap * std::tanh(y);
+    if (dfac) {
+      const float ch = std::cosh(y);  // +inf for |y| > 89: derivative 0
+      dfac[j] = scale / (ch * ch);
+    }
   }
-  return m;
 }
 
-template <typename T, int DIV, bool KL, bool CE, bool MSE>
-RowResult process_row_div(const T* s, const T* t, int64_t V, const DivParams& p, int64_t label,
-                          RowWeights w, T* g) {
+// The generic row on logits S (the input dtype, or fp32 softcapped logits) times `scale`, with
+// the gradient written in T (CAP: times dfac = dx'/dx, else times scale). The passes follow
+// process_row: pass 2 reads the logits once and
+// keeps e_s, e_t (at T), u = log(e_s / e_t) and e_1 (CE) in fp32 scratch, with shifts taken from
+// the first block's maxima (re-run with the row maxima if an exponential could overflow); pass 3
+// evaluates the divergence column function (divergences.h) from p_s, p_t and d = -(u - delta)
+// and keeps its q over e_t; pass 4 writes the gradient.
+template <typename S, typename T, int DIV, bool KL, bool CE, bool MSE, bool CAP>
+RowResult divergence_row(const S* s, const S* t, int64_t V, const DivParams& p, float scale,
+                         int64_t label, RowWeights w, T* g, const float* dfac, float* scratch) {
   RowResult res;
   auto nan_row = [&] {
     if (KL) res.kl = kNaN;
@@ -484,117 +477,138 @@ RowResult process_row_div(const T* s, const T* t, int64_t V, const DivParams& p,
     if (g) fill_row(g, V, kNaN);
     return res;
   };
-  // Scratch (fp32, L2-resident for V up to ~32k): the transformed logits a_s, a_t; the
-  // exponentials e_s, e_t (e_t is overwritten by G in pass 3); e_1 (CE at T = 1); dx'/dx.
-  constexpr bool kTeacher = KL || MSE;
-  const bool softcap_grad = g && p.softcap > 0.0f;
-  thread_local std::vector<float> scratch;
-  if (scratch.size() < static_cast<size_t>(6 * V)) scratch.resize(static_cast<size_t>(6 * V));
-  float* const a_s = scratch.data();
-  float* const a_t = a_s + V;
-  float* const e_s = a_t + V;
-  float* const e_t = e_s + V;
-  float* const e_1 = e_t + V;
-  float* const dfac = e_1 + V;
-
-  // Pass 1: transform, maxima. The maxima shift every exponential below (no overflow).
-  const float ms = transform_row(s, V, p, a_s, softcap_grad ? dfac : nullptr);
-  const float mt = kTeacher ? transform_row(t, V, p, a_t, nullptr) : 0.0f;
-  if ((KL || CE) && !(is_finite(ms) && (!KL || is_finite(mt)))) return nan_row();
-
-  // Pass 2: the softmax sums (fp32 lanes per block, double across blocks) and the MSE sum.
-  // dz = z_s - z_t is accumulated term by term as e_t expm1(u), u = log(e_s / e_t) (as in
-  // process_row), so that log(z_s / z_t) keeps the digits a near-one-hot row's z_s and z_t lose.
-  const float c_t = p.c_t, inv_t = p.inv_t, dm_st = ms - mt;
-  double zs_d = 0.0, zt_d = 0.0, dz_d = 0.0, z1_d = 0.0, sq_d = 0.0;
-  for (int64_t j0 = 0; j0 < V; j0 += FD_BLOCK) {
-    const int64_t j1 = j0 + FD_BLOCK < V ? j0 + FD_BLOCK : V;
-    float zs = 0.0f, zt = 0.0f, dz = 0.0f, z1 = 0.0f, sq = 0.0f;
-#pragma omp simd reduction(+ : zs, zt, dz, z1, sq)
-    for (int64_t j = j0; j < j1; ++j) {
-      if constexpr (KL) {
-        const float es = fd_exp2((a_s[j] - ms) * c_t);
-        const float et = fd_exp2((a_t[j] - mt) * c_t);
-        e_s[j] = es;
-        e_t[j] = et;
-        zs += es;
-        zt += et;
-        const float u = ((a_s[j] - a_t[j]) - dm_st) * inv_t;
-        dz += is_small(u) ? et * expm1_small(u) : es - et;
-      }
-      if constexpr (CE) {
-        const float e1 = fd_exp2((a_s[j] - ms) * kLog2e);
-        e_1[j] = e1;
-        z1 += e1;
-      }
-      if constexpr (MSE) {
-        const float dd = a_s[j] - a_t[j];
-        sq += dd * dd;
-      }
+  float* const e_s = scratch;
+  float* const e_t = e_s + V;  // q after pass 3
+  float* const e_u = e_t + V;
+  float* const e_1 = e_u + V;
+  constexpr int64_t kBlock = FD_BLOCK;
+  constexpr float kMaxExponent = 64.0f;  // as process_row
+  float ms = 0.0f, mt = 0.0f;
+  if constexpr (KL || CE) {
+    const int64_t first = V < kBlock ? V : kBlock;
+    ms = row_max(s, first) * scale;
+    if constexpr (KL) mt = row_max(t, first) * scale;
+    if (!is_finite(ms) || (KL && !is_finite(mt))) {
+      ms = row_max(s, V) * scale;
+      if constexpr (KL) mt = row_max(t, V) * scale;
+      if (!is_finite(ms) || (KL && !is_finite(mt))) return nan_row();
     }
-    zs_d += zs;
-    zt_d += zt;
-    dz_d += dz;
-    z1_d += z1;
-    sq_d += sq;
   }
-  // NaN in a row makes its sums NaN: the same treatment as process_row.
+  // Pass 2. dz = z_s - z_t term by term as e_t expm1(u) (as process_row): log(z_s / z_t) keeps
+  // the digits that a near-one-hot row's sums lose.
+  const float c_t = p.c_t, inv_t = p.inv_t;
+  double zs_d, zt_d, dz_d, z1_d, sq_d;
+  float max_s, max_t;
+  auto pass2 = [&] {
+    zs_d = zt_d = dz_d = z1_d = sq_d = 0.0;
+    max_s = max_t = -kInf;
+    // Locals, not the captured references: stores through a pointer reached via the closure made
+    // GCC run the scalar version of the loop (as the note in pass2_portable says).
+    float* const es_ = e_s;
+    float* const et_ = e_t;
+    float* const eu_ = e_u;
+    float* const e1_ = e_1;
+    const float ms_ = ms, mt_ = mt, dm = ms - mt, sc = scale, ct = c_t, it = inv_t;
+    for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+      const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
+      float zs = 0.0f, zt = 0.0f, dz = 0.0f, z1 = 0.0f, sq = 0.0f, bs = -kInf, bt = -kInf;
+#pragma omp simd reduction(+ : zs, zt, dz, z1, sq) reduction(max : bs, bt)
+      for (int64_t j = j0; j < j1; ++j) {
+        const float x = load(s, j) * sc;
+        float y = 0.0f;
+        if constexpr (KL || MSE) y = load(t, j) * sc;
+        bs = x > bs ? x : bs;
+        if constexpr (KL) {
+          bt = y > bt ? y : bt;
+          const float es = fd_exp2((x - ms_) * ct), et = fd_exp2((y - mt_) * ct);
+          const float u = ((x - y) - dm) * it;
+          es_[j] = es;
+          et_[j] = et;
+          eu_[j] = u;
+          zs += es;
+          zt += et;
+          dz += is_small(u) ? et * expm1_small(u) : es - et;
+        }
+        if constexpr (CE) {
+          const float e1 = fd_exp2((x - ms_) * kLog2e);
+          e1_[j] = e1;
+          z1 += e1;
+        }
+        if constexpr (MSE) sq += (x - y) * (x - y);
+      }
+      zs_d += zs, zt_d += zt, dz_d += dz, z1_d += z1, sq_d += sq;
+      max_s = bs > max_s ? bs : max_s;
+      max_t = bt > max_t ? bt : max_t;
+    }
+  };
+  pass2();
+  if constexpr (KL || CE) {
+    if (!is_finite(max_s) || (KL && !is_finite(max_t))) return nan_row();  // +inf somewhere
+    const float over_s = (max_s - ms) * (CE && kLog2e > c_t ? kLog2e : c_t);
+    const float over_t = KL ? (max_t - mt) * c_t : 0.0f;
+    if (over_s > kMaxExponent || over_t > kMaxExponent) {
+      ms = max_s;
+      if constexpr (KL) mt = max_t;
+      pass2();
+    }
+  }
   const bool kl_bad = KL && !std::isfinite(zs_d + zt_d);
   const bool ce_bad = CE && !std::isfinite(z1_d);
+  const auto x_label = [&] { return static_cast<double>(load(s, label) * scale); };
   if (kl_bad || ce_bad) {
     nan_row();
-    if (CE && !ce_bad) res.ce = static_cast<float>(ms + std::log(z1_d) - a_s[label]);
+    if (CE && !ce_bad) res.ce = static_cast<float>(ms + std::log(z1_d) - x_label());
     if (MSE) res.mse = static_cast<float>(sq_d);
     return res;
   }
-  if constexpr (CE) res.ce = static_cast<float>(static_cast<double>(ms) + std::log(z1_d) - a_s[label]);
+  if constexpr (CE) res.ce = static_cast<float>(static_cast<double>(ms) + std::log(z1_d) - x_label());
   if constexpr (MSE) res.mse = static_cast<float>(sq_d);
   if (!KL && !g) return res;
 
-  // Pass 3: the divergence terms and q (over e_t), and s0 = sum p_s q. d = log p_t - log p_s
-  // from the exact differences of the logits and of the maxima, and the log-ratio of the sums in
-  // double: exact 0 when the student equals the teacher.
+  // Pass 3: the divergence terms, q over e_t, and s0 = sum p_s q.
   const float inv_zs = static_cast<float>(1.0 / zs_d), inv_zt = static_cast<float>(1.0 / zt_d);
-  const float dm = mt - ms;
-  // log(z_t / z_s) from dz where z_s and z_t are close, from the sums where they are not.
   const double dz_rel = dz_d / zt_d;
-  const float delta = static_cast<float>(std::fabs(dz_rel) <= 0.125 ? -std::log1p(dz_rel)
-                                                                     : std::log(zt_d / zs_d));
+  const float delta = static_cast<float>(std::fabs(dz_rel) <= 0.125 ? std::log1p(dz_rel)
+                                                                     : std::log(zs_d / zt_d));
   constexpr bool kRowSum = DIV != kForwardKL;  // forward KL's q is its gradient already
   double loss_d = 0.0, s0_d = 0.0;
   if constexpr (KL) {
     const DivConsts c = p.c;
-    for (int64_t j0 = 0; j0 < V; j0 += FD_BLOCK) {
-      const int64_t j1 = j0 + FD_BLOCK < V ? j0 + FD_BLOCK : V;
+    float* const q_ = e_t;  // locals for the loop (see pass 2)
+    const float* const es_ = e_s;
+    const float* const eu_ = e_u;
+    for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+      const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
       float loss = 0.0f, s0 = 0.0f;
 #pragma omp simd reduction(+ : loss, s0)
       for (int64_t j = j0; j < j1; ++j) {
-        const float ps = e_s[j] * inv_zs, pt = e_t[j] * inv_zt;
-        const float d = ((a_t[j] - a_s[j]) - dm) * inv_t - delta;
-        const DivTerm term = divergence_term<DIV>(ps, pt, d, c);
-        e_t[j] = term.q;
+        const float ps = es_[j] * inv_zs, pt = q_[j] * inv_zt;
+        const DivTerm term = divergence_term<DIV>(ps, pt, delta - eu_[j], c);
+        q_[j] = term.q;
         loss += term.loss;
         if constexpr (kRowSum) s0 += ps * term.q;
       }
-      loss_d += loss;
-      s0_d += s0;
+      loss_d += loss, s0_d += s0;
     }
     res.kl = static_cast<float>(p.t2 ? loss_d * p.temp * p.temp : loss_d);
   }
   if (!g) return res;
 
-  // The gradient p_s,j (q_j - qbar), qbar = sum p_s q, loses the digits of q_j - qbar where one
-  // probability is close to 1 (low T) if qbar carries the rounding of the large p_s q terms. So
-  // qbar = s0 + s1 with the correction s1 = sum p_s (q - s0), whose terms are small exactly there.
+  // The gradient p_s (q - qbar), qbar = sum p_s q, needs q - qbar to its own precision where it
+  // is small against q: at a column of p_s close to 1 (low T), and for TVD's +-1/2 wherever
+  // the row is lopsided. qbar = s0 + s1 with the correction s1 = sum p_s (q - s0), whose terms
+  // are small exactly there (a second, cheap pass over the L2-resident scratch).
   float s0 = 0.0f, s1 = 0.0f;
   if constexpr (KL && kRowSum) {
     s0 = static_cast<float>(s0_d);
+    const float* const q_ = e_t;
+    const float* const es_ = e_s;
     double s1_d = 0.0;
-    for (int64_t j0 = 0; j0 < V; j0 += FD_BLOCK) {
-      const int64_t j1 = j0 + FD_BLOCK < V ? j0 + FD_BLOCK : V;
+    for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+      const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
       float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t j = j0; j < j1; ++j) acc += e_s[j] * (e_t[j] - s0);
+      for (int64_t j = j0; j < j1; ++j) acc += es_[j] * (q_[j] - s0);
       s1_d += acc;
     }
     s1 = static_cast<float>(s1_d * inv_zs);
@@ -605,17 +619,16 @@ RowResult process_row_div(const T* s, const T* t, int64_t V, const DivParams& p,
   //   mse: 2 (s' - t');  all times dx'/dx. (1/T, 2 and the weights are folded into w.)
   const float wkl_zs = w.kl * inv_zs;
   const float wce_1 = CE ? static_cast<float>(w.ce / z1_d) : 0.0f;
-  const float scale = p.logit_scale;
-  for (int64_t j0 = 0; j0 < V; j0 += FD_BLOCK) {
-    const int64_t j1 = j0 + FD_BLOCK < V ? j0 + FD_BLOCK : V;
-    alignas(64) float tile[FD_BLOCK];
+  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+    const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
+    alignas(64) float tile[kBlock];
 #pragma omp simd
     for (int64_t j = j0; j < j1; ++j) {
       float gv = 0.0f;
       if constexpr (KL) gv = kRowSum ? wkl_zs * e_s[j] * ((e_t[j] - s0) - s1) : w.kl * e_t[j];
       if constexpr (CE) gv += wce_1 * e_1[j] - (j == label ? w.ce : 0.0f);
-      if constexpr (MSE) gv += w.mse * (a_s[j] - a_t[j]);
-      tile[j - j0] = gv * (softcap_grad ? dfac[j] : scale);
+      if constexpr (MSE) gv += w.mse * (load(s, j) - load(t, j)) * scale;
+      tile[j - j0] = gv * (CAP ? dfac[j] : scale);
     }
     write_grad_block(g + j0, tile, j1 - j0);
   }
@@ -623,6 +636,27 @@ RowResult process_row_div(const T* s, const T* t, int64_t V, const DivParams& p,
   stream_fence();
 #endif
   return res;
+}
+
+template <typename T, int DIV, bool KL, bool CE, bool MSE>
+RowResult process_row_div(const T* s, const T* t, int64_t V, const DivParams& p, int64_t label,
+                          RowWeights w, T* g) {
+  // Scratch (fp32, L2-resident for V up to ~32k): pass 2's four rows, then for softcap the
+  // transformed logits and dx'/dx.
+  thread_local std::vector<float> scratch;
+  const size_t need = static_cast<size_t>((p.softcap > 0.0f ? 7 : 4) * V);
+  if (scratch.size() < need) scratch.resize(need);
+  if (p.softcap > 0.0f) {
+    float* const a_s = scratch.data() + 4 * V;
+    float* const a_t = a_s + V;
+    float* const dfac = g ? a_t + V : nullptr;
+    softcap_row(s, V, p, a_s, dfac);
+    if (KL || MSE) softcap_row(t, V, p, a_t, nullptr);
+    return divergence_row<float, T, DIV, KL, CE, MSE, true>(a_s, a_t, V, p, 1.0f, label, w, g,
+                                                            dfac, scratch.data());
+  }
+  return divergence_row<T, T, DIV, KL, CE, MSE, false>(s, t, V, p, p.logit_scale, label, w, g,
+                                                       nullptr, scratch.data());
 }
 
 // One row of the generic loop: the row's active terms and the op's divergence as template
