@@ -431,3 +431,21 @@ def test_threads_follow_the_free_cores(monkeypatch):
     import fastdistill  # noqa: F401  (sets the wait policy unless the user did)
 
     assert os.environ["OMP_WAIT_POLICY"]
+
+
+def test_demo_print_config_runs_nothing_and_demo_resume_continues(tmp_path):
+    out = tmp_path / "demo"
+    rc, err = _console("--demo", "--print-config", "--output-dir", str(out), timeout=120)
+    assert rc == 0 and not out.exists(), err
+    from fastdistill.train import demo
+
+    first = demo.run_demo(out, quick=True, progress_bar=False, tensorboard=False)
+    before = load_file(str(out / "student" / "final" / "model.safetensors"))
+    again = demo.run_demo(out, quick=True, progress_bar=False, tensorboard=False, resume=True)
+    after = load_file(str(out / "student" / "final" / "model.safetensors"))
+    assert again["after"] == first["after"]
+    for k in before:  # resumed the finished run: nothing trained again
+        assert torch.equal(before[k], after[k]), k
+    records = [json.loads(x) for x in (out / "student" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == sorted(set(steps))  # no step trained (and logged) twice

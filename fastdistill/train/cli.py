@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--demo",
         action="store_true",
         help="run the embedded default (what no arguments does); honours --output-dir "
-        "(default: runs/demo), --progress-bar and --tensorboard",
+        "(default: runs/demo), --progress-bar, --tensorboard, --resume and --print-config "
+        "(prints the demo's two configurations without running)",
     )
     parser.add_argument(
         "--write-teacher-cache",
@@ -169,13 +170,18 @@ def _print_config(cfg) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fastdistill.train.demo import format_demo, run_demo
+    """The embedded demo; with --print-config only its two configurations (nothing runs)."""
+    from fastdistill.train.demo import demo_config_yaml, format_demo, run_demo
 
-    result = run_demo(
-        getattr(args, "output_dir", "runs/demo"),
+    out = getattr(args, "output_dir", "runs/demo")
+    shown = dict(
         progress_bar=getattr(args, "progress_bar", True),
         tensorboard=getattr(args, "tensorboard", True),
     )
+    if args.print_config:
+        print(demo_config_yaml(out, **shown), end="")
+        return 0
+    result = run_demo(out, resume=getattr(args, "resume", False), **shown)
     print(format_demo(result))
     return 0
 
@@ -183,7 +189,8 @@ def _demo(args: argparse.Namespace) -> int:
 # ---- fastdistill report RUN_DIR -------------------------------------------------------------------
 
 REPORT_HELP = (
-    "draw the figure of a fastdistill-train run (loss terms, lr, grad norm, tokens/s) into "
+    "draw the figure of a fastdistill-train run (loss terms, lr, grad norm, tokens/s, held-out "
+    "metrics) into "
     "RUN_DIR/metrics.png and print its last metrics"
 )
 

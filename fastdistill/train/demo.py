@@ -283,13 +283,26 @@ def run_demo(
     quick: bool = False,
     progress_bar: bool = True,
     tensorboard: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run the embedded default; ``quick`` shrinks it to seconds (tests)."""
+    """Run the embedded default; ``quick`` shrinks it to seconds (tests). ``resume``: a run (the
+    teacher's or the student's) that left checkpoints continues from its latest one instead of
+    starting again."""
+    import dataclasses
+
+    from fastdistill.train import checkpoint
     from fastdistill.train.trainer import train
 
     settings = demo_settings(quick)
     out = Path(output_dir)
     configs = demo_configs(out, quick=quick, progress_bar=progress_bar, tensorboard=tensorboard)
+    if resume:
+        configs = {
+            name: dataclasses.replace(cfg, resume=True, overwrite_output_dir=False)
+            if checkpoint.has_checkpoints(cfg.output_dir)
+            else cfg
+            for name, cfg in configs.items()
+        }
     train_txt, _ = split_corpus(CORPUS, out / "data")
     teacher_dir = Path(configs["student"].teacher)
     for name, cfg in configs.items():
