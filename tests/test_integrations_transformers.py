@@ -299,6 +299,21 @@ def test_bad_arguments_name_the_argument(tmp_path, options, error, match):
         DistillationTrainer(model=_model("gpt2", 16, seed=0), args=_args(tmp_path), **kw)
 
 
+@pytest.mark.parametrize(
+    "args,kw,match",
+    [
+        (dict(label_smoothing_factor=0.1), {}, "label_smoothing_factor"),
+        ({}, dict(compute_loss_func=lambda *a, **k: 0), "compute_loss_func"),
+    ],
+)
+def test_trainer_options_the_loss_would_ignore_are_refused(tmp_path, args, kw, match):
+    with pytest.raises(ValueError, match=match):
+        DistillationTrainer(
+            model=_model("gpt2", 16, seed=0), args=_args(tmp_path, **args),
+            teacher_model=_model("gpt2", 32, seed=1), **kw,
+        )  # fmt: skip
+
+
 def test_a_teacher_sharing_the_students_parameters_is_refused(tmp_path):
     student, teacher = _model("gpt2", 16, seed=0), _model("gpt2", 16, seed=1)
     teacher.transformer.wte = student.transformer.wte

@@ -104,6 +104,7 @@ class DistillationTrainer(transformers.Trainer):
             raise TypeError(f"causal_lm must be True, False or None, got {causal_lm!r}")
         _check_not_shared(model, teacher_model)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        _check_loss_arguments(self)
         self.distillation_options = options
         self.causal_lm = _is_causal_lm(self.model) if causal_lm is None else causal_lm
         self.teacher_model = _freeze(teacher_model, self.accelerator.device)
@@ -304,6 +305,20 @@ def _check_fused_linear(fused_linear: object) -> None:
         "fused_linear=True: DistillationTrainer does not use "
         "fastdistill.losses.linear_distillation_loss yet; use fused_linear=False"
     )
+
+
+def _check_loss_arguments(trainer: transformers.Trainer) -> None:
+    """Trainer options that change the loss would be ignored by the distillation loss."""
+    if trainer.args.label_smoothing_factor != 0:
+        raise ValueError(
+            "TrainingArguments.label_smoothing_factor is not applied by DistillationTrainer's "
+            "loss (hard CE on the labels as they are); set it to 0"
+        )
+    if trainer.compute_loss_func is not None:
+        raise ValueError(
+            "compute_loss_func would be ignored: DistillationTrainer computes the distillation "
+            "loss; override DistillationTrainer.distillation_loss instead"
+        )
 
 
 def _check_not_shared(model: nn.Module | None, teacher: nn.Module) -> None:
