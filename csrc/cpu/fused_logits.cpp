@@ -250,13 +250,102 @@ void write_grad_block(T* dst, const float* tile, int64_t n) {
 #endif
 }
 
+// What the generic divergence passes need of the op's options.
+struct DivParams {
+  float temp, inv_t, c_t;  // T, 1/T, log2(e)/T
+  bool t2;                 // multiply the divergence by T^2
+  float logit_scale, softcap;
+  DivConsts c;
+};
+
+// Passes 3 and 4 of a divergence other than process_row's forward KL, on pass 2's scratch
+// (e_s, e_t (at T), e_u = log(e_s / e_t) and e_1 (CE)), shared by process_row and divergence_row:
+// pass 3 evaluates the divergence column function (divergences.h) from p_s, p_t and
+// d = delta - u (delta = log(z_s / z_t)) and keeps its q over e_t; pass 4 writes the gradient
+// w.r.t. the raw student logits S, times dfac (CAP) or scale. res.kl receives the row's value.
+template <typename S, typename T, int DIV, bool KL, bool CE, bool MSE, bool CAP>
+void divergence_passes(const S* s, const S* t, int64_t V, const DivParams& p, float scale,
+                       int64_t label, RowWeights w, T* g, const float* dfac, float* e_s,
+                       float* e_t, const float* e_u, const float* e_1, double zs_d, double zt_d,
+                       float delta, double z1_d, RowResult& res) {
+  constexpr int64_t kBlock = FD_BLOCK;
+  // Pass 3: the divergence terms, q over e_t, and s0 = sum p_s q.
+  const float inv_zs = static_cast<float>(1.0 / zs_d), inv_zt = static_cast<float>(1.0 / zt_d);
+  constexpr bool kRowSum = DIV != kForwardKL;  // forward KL's q is its gradient already
+  double loss_d = 0.0, s0_d = 0.0;
+  if constexpr (KL) {
+    const DivConsts c = p.c;
+    float* const q_ = e_t;  // locals for the loop (see pass 2)
+    const float* const es_ = e_s;
+    const float* const eu_ = e_u;
+    for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+      const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
+      float loss = 0.0f, s0 = 0.0f;
+#pragma omp simd reduction(+ : loss, s0)
+      for (int64_t j = j0; j < j1; ++j) {
+        const float ps = es_[j] * inv_zs, pt = q_[j] * inv_zt;
+        const DivTerm term = divergence_term<DIV>(ps, pt, delta - eu_[j], c);
+        q_[j] = term.q;
+        loss += term.loss;
+        if constexpr (kRowSum) s0 += ps * term.q;
+      }
+      loss_d += loss, s0_d += s0;
+    }
+    res.kl = static_cast<float>(p.t2 ? loss_d * p.temp * p.temp : loss_d);
+  }
+  if (!g) return;
+
+  // The gradient p_s (q - qbar), qbar = sum p_s q, needs q - qbar to its own precision where it
+  // is small against q: at a column of p_s close to 1 (low T), and for TVD's +-1/2 wherever
+  // the row is lopsided. qbar = s0 + s1 with the correction s1 = sum p_s (q - s0), whose terms
+  // are small exactly there (a second, cheap pass over the L2-resident scratch).
+  float s0 = 0.0f, s1 = 0.0f;
+  if constexpr (KL && kRowSum) {
+    s0 = static_cast<float>(s0_d);
+    const float* const q_ = e_t;
+    const float* const es_ = e_s;
+    double s1_d = 0.0;
+    for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+      const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = j0; j < j1; ++j) acc += es_[j] * (q_[j] - s0);
+      s1_d += acc;
+    }
+    s1 = static_cast<float>(s1_d * inv_zs);
+  }
+
+  // Pass 4: the gradient w.r.t. the raw student logits, through an L1 tile to memory.
+  //   kl:  p_s,j ((q_j - s0) - s1) (forward KL: q_j);  ce: softmax(s') - onehot(label);
+  //   mse: 2 (s' - t');  all times dx'/dx. (1/T, 2 and the weights are folded into w.)
+  const float wkl_zs = w.kl * inv_zs;
+  const float wce_1 = CE ? static_cast<float>(w.ce / z1_d) : 0.0f;
+  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+    const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
+    alignas(64) float tile[kBlock];
+#pragma omp simd
+    for (int64_t j = j0; j < j1; ++j) {
+      float gv = 0.0f;
+      if constexpr (KL) gv = kRowSum ? wkl_zs * e_s[j] * ((e_t[j] - s0) - s1) : w.kl * e_t[j];
+      if constexpr (CE) gv += wce_1 * e_1[j] - (j == label ? w.ce : 0.0f);
+      if constexpr (MSE) gv += w.mse * (load(s, j) - load(t, j)) * scale;
+      tile[j - j0] = gv * (CAP ? dfac[j] : scale);
+    }
+    write_grad_block(g + j0, tile, j1 - j0);
+  }
+#if FD_STREAM_STORES
+  stream_fence();
+#endif
+}
+
 // One row with the terms KL/CE/MSE switched on at compile time. Returns the unnormalised row
 // values and, if g != nullptr, writes w.kl*(p_s - p_t) + w.ce*(p1 - onehot) + w.mse*(s - t)
 // (the caller folds T into w.kl and the 2 of d(s-t)^2 into w.mse). next_s/next_t: the row pair
 // that follows, prefetched during this one (null: none).
-template <typename T, bool KL, bool CE, bool MSE>
+template <typename T, bool KL, bool CE, bool MSE, int DIV = kForwardKL>
 RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t label, RowWeights w,
-                      T* g, const T* next_s, const T* next_t, bool t2 = true) {
+                      T* g, const T* next_s, const T* next_t, bool t2 = true,
+                      const DivParams* dp = nullptr) {
   RowResult res;
   // Rows whose softmax is undefined propagate NaN (the reference gives NaN too), never hide it.
   auto nan_row = [&] {
@@ -393,6 +482,13 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
   // can be as far from 1 as 2^64) and the plain ratio of the sums is the accurate form.
   const double dz_rel = dz_d / zt_d;
   const double delta = std::fabs(dz_rel) <= 0.125 ? std::log1p(dz_rel) : std::log(zs_d / zt_d);
+  if constexpr (DIV != kForwardKL) {
+    // Another divergence: its own passes 3 and 4 on this pass 2's scratch.
+    divergence_passes<T, T, DIV, KL, CE, MSE, false>(
+        s, t, V, *dp, 1.0f, label, w, g, nullptr, p2.keep_s, p2.keep_t, p2.keep_u,
+        share ? p2.keep_s : p2.keep_1, zs_d, zt_d, static_cast<float>(delta), z1_d, res);
+    return res;
+  }
   const Pass3Args p3{p2.keep_s,
                      p2.keep_t,
                      p2.keep_u,
@@ -430,18 +526,11 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
   return res;
 }
 
-// ---- the generic row loop: any Divergence, the logit transforms ------------------------------
-// process_row above is forward KL on untransformed logits, tuned for speed (and hand-vectorised on
-// AVX-512). This loop serves every other case with the same row results and gradient layout:
-// the divergence is one column function (divergences.h) inside shared passes, vectorised by the
-// compiler (`omp simd`) for each ISA variant.
-
-struct DivParams {
-  float temp, inv_t, c_t;  // T, 1/T, log2(e)/T
-  bool t2;                 // multiply the divergence by T^2
-  float logit_scale, softcap;
-  DivConsts c;
-};
+// ---- the logit transforms: a generic row loop ------------------------------------------------
+// process_row above reads raw logits (its pass 2 hand-vectorised on AVX-512) and serves every
+// divergence: forward KL with its own pass 3, the others with divergence_passes. With
+// logit_scale or softcap the row runs here instead: the same passes (portable `omp simd` loops)
+// on the transformed logits, and the gradient chained through the transform.
 
 // softcap: the student's and teacher's transformed logits x' into a and (for the student, with
 // dfac not null) dx'/dx into dfac. tanh/cosh do not vectorise: a scalar loop (a rarely used path
@@ -565,76 +654,11 @@ RowResult divergence_row(const S* s, const S* t, int64_t V, const DivParams& p, 
   if constexpr (MSE) res.mse = static_cast<float>(sq_d);
   if (!KL && !g) return res;
 
-  // Pass 3: the divergence terms, q over e_t, and s0 = sum p_s q.
-  const float inv_zs = static_cast<float>(1.0 / zs_d), inv_zt = static_cast<float>(1.0 / zt_d);
   const double dz_rel = dz_d / zt_d;
   const float delta = static_cast<float>(std::fabs(dz_rel) <= 0.125 ? std::log1p(dz_rel)
                                                                      : std::log(zs_d / zt_d));
-  constexpr bool kRowSum = DIV != kForwardKL;  // forward KL's q is its gradient already
-  double loss_d = 0.0, s0_d = 0.0;
-  if constexpr (KL) {
-    const DivConsts c = p.c;
-    float* const q_ = e_t;  // locals for the loop (see pass 2)
-    const float* const es_ = e_s;
-    const float* const eu_ = e_u;
-    for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
-      const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
-      float loss = 0.0f, s0 = 0.0f;
-#pragma omp simd reduction(+ : loss, s0)
-      for (int64_t j = j0; j < j1; ++j) {
-        const float ps = es_[j] * inv_zs, pt = q_[j] * inv_zt;
-        const DivTerm term = divergence_term<DIV>(ps, pt, delta - eu_[j], c);
-        q_[j] = term.q;
-        loss += term.loss;
-        if constexpr (kRowSum) s0 += ps * term.q;
-      }
-      loss_d += loss, s0_d += s0;
-    }
-    res.kl = static_cast<float>(p.t2 ? loss_d * p.temp * p.temp : loss_d);
-  }
-  if (!g) return res;
-
-  // The gradient p_s (q - qbar), qbar = sum p_s q, needs q - qbar to its own precision where it
-  // is small against q: at a column of p_s close to 1 (low T), and for TVD's +-1/2 wherever
-  // the row is lopsided. qbar = s0 + s1 with the correction s1 = sum p_s (q - s0), whose terms
-  // are small exactly there (a second, cheap pass over the L2-resident scratch).
-  float s0 = 0.0f, s1 = 0.0f;
-  if constexpr (KL && kRowSum) {
-    s0 = static_cast<float>(s0_d);
-    const float* const q_ = e_t;
-    const float* const es_ = e_s;
-    double s1_d = 0.0;
-    for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
-      const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
-      float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t j = j0; j < j1; ++j) acc += es_[j] * (q_[j] - s0);
-      s1_d += acc;
-    }
-    s1 = static_cast<float>(s1_d * inv_zs);
-  }
-
-  // Pass 4: the gradient w.r.t. the raw student logits, through an L1 tile to memory.
-  //   kl:  p_s,j ((q_j - s0) - s1) (forward KL: q_j);  ce: softmax(s') - onehot(label);
-  //   mse: 2 (s' - t');  all times dx'/dx. (1/T, 2 and the weights are folded into w.)
-  const float wkl_zs = w.kl * inv_zs;
-  const float wce_1 = CE ? static_cast<float>(w.ce / z1_d) : 0.0f;
-  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
-    const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
-    alignas(64) float tile[kBlock];
-#pragma omp simd
-    for (int64_t j = j0; j < j1; ++j) {
-      float gv = 0.0f;
-      if constexpr (KL) gv = kRowSum ? wkl_zs * e_s[j] * ((e_t[j] - s0) - s1) : w.kl * e_t[j];
-      if constexpr (CE) gv += wce_1 * e_1[j] - (j == label ? w.ce : 0.0f);
-      if constexpr (MSE) gv += w.mse * (load(s, j) - load(t, j)) * scale;
-      tile[j - j0] = gv * (CAP ? dfac[j] : scale);
-    }
-    write_grad_block(g + j0, tile, j1 - j0);
-  }
-#if FD_STREAM_STORES
-  stream_fence();
-#endif
+  divergence_passes<S, T, DIV, KL, CE, MSE, CAP>(s, t, V, p, scale, label, w, g, dfac, e_s, e_t,
+                                                 e_u, e_1, zs_d, zt_d, delta, z1_d, res);
   return res;
 }
 
@@ -659,14 +683,26 @@ RowResult process_row_div(const T* s, const T* t, int64_t V, const DivParams& p,
                                                        nullptr, scratch.data());
 }
 
-// One row of the generic loop: the row's active terms and the op's divergence as template
-// arguments (one instantiation set per dtype, not per op).
+// One row: the row's active terms and the op's divergence as template arguments (one
+// instantiation set per dtype, not per op). `transform`: the generic loop (process_row_div);
+// otherwise process_row, whose forward KL case run() calls directly.
 template <typename T>
-RowResult generic_row(int div, bool kl, bool ce, bool mse, const T* s, const T* t, int64_t V,
-                      const DivParams& p, int64_t label, RowWeights w, T* g) {
+RowResult generic_row(bool transform, int div, bool kl, bool ce, bool mse, const T* s, const T* t,
+                      int64_t V, const DivParams& p, int64_t label, RowWeights w, T* g,
+                      const T* ns, const T* nt) {
   const int terms = (ce ? 2 : 0) | (mse ? 1 : 0);
   auto with_div = [&](auto div_tag) -> RowResult {
     constexpr int D = decltype(div_tag)::value;
+    if (!transform) {
+      const float temp = p.temp;
+      const bool t2 = p.t2;
+      switch (terms) {
+        case 3: return process_row<T, true, true, true, D>(s, t, V, temp, label, w, g, ns, nt, t2, &p);
+        case 2: return process_row<T, true, true, false, D>(s, t, V, temp, label, w, g, ns, nt, t2, &p);
+        case 1: return process_row<T, true, false, true, D>(s, t, V, temp, label, w, g, ns, nt, t2, &p);
+        default: return process_row<T, true, false, false, D>(s, t, V, temp, label, w, g, ns, nt, t2, &p);
+      }
+    }
     switch (terms) {
       case 3: return process_row_div<T, D, true, true, true>(s, t, V, p, label, w, g);
       case 2: return process_row_div<T, D, true, true, false>(s, t, V, p, label, w, g);
@@ -725,9 +761,10 @@ void run(const FusedLogitsArgs& a) {
   const RowWeights full{
       static_cast<float>(a.t2_scale ? a.w_kl * temp / d_kl : a.w_kl / temp / d_kl),
       static_cast<float>(a.w_ce / d_ce), static_cast<float>(2.0 * a.w_mse / d_mse)};
-  // Another divergence or a logit transform: the generic row loop (process_row_div).
-  const bool generic =
-      a.divergence != kForwardKL || a.logit_scale != 1.0f || a.softcap > 0.0f;
+  // A logit transform: the generic row loop (process_row_div); another divergence: process_row
+  // with that divergence's passes (generic_row dispatches both).
+  const bool transform = a.logit_scale != 1.0f || a.softcap > 0.0f;
+  const bool other_div = a.divergence != kForwardKL;
   const DivParams dp{temp,
                      1.0f / temp,
                      kLog2e / temp,
@@ -747,7 +784,9 @@ void run(const FusedLogitsArgs& a) {
     const bool sel = a.mask ? a.mask[r] != 0 : true;
     const int64_t label = CE ? a.labels[r] : a.ignore_index;
     const bool kl = KL && sel, mse = MSE && sel, ce = CE && label != a.ignore_index;
-    if (generic) return generic_row<T>(a.divergence, kl, ce, mse, s, t, V, dp, label, full, g);
+    if (transform || (other_div && kl))
+      return generic_row<T>(transform, a.divergence, kl, ce, mse, s, t, V, dp, label, full, g, ns,
+                            nt);
     const bool t2 = a.t2_scale;
     // Runtime row flags -> compile-time row function; only subsets of the op's terms occur.
     switch ((kl ? 4 : 0) | (ce ? 2 : 0) | (mse ? 1 : 0)) {
