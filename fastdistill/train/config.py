@@ -88,8 +88,10 @@ class TrainConfig:
     )
 
     # ---- loss --------------------------------------------------------------------------------
-    temperature: float = option(
-        2.0, "softmax temperature of the soft targets (the KL is scaled by T²)"
+    temperature: float | None = option(
+        None,
+        "softmax temperature of the soft targets (default 2.0 with the KL scaled by T², the "
+        "DistilBERT recipe; 1.0 for --task llm, unscaled)",
     )
     alpha_kl: float | None = option(
         None,
@@ -228,6 +230,8 @@ class TrainConfig:
         else:
             c.options = dataclasses.replace(c.options)
         task.fill_defaults(c)
+        if c.temperature is None:
+            c.temperature = 2.0
         c.validate()
         return c
 

@@ -24,6 +24,13 @@ LAYER_PREFIXES = {
     "camembert": "encoder.layer.",
     "distilbert": "transformer.layer.",
     "gpt2": "h.",
+    # Decoder LLMs: model.layers.<i> under *ForCausalLM.
+    "llama": "layers.",
+    "mistral": "layers.",
+    "qwen2": "layers.",
+    "qwen3": "layers.",
+    "gemma": "layers.",
+    "gemma2": "layers.",
 }
 
 
@@ -39,8 +46,9 @@ def num_layers(model: nn.Module) -> int:
 def init_student_from_teacher(teacher: nn.Module, layers: list[int] | None = None) -> nn.Module:
     """A copy of ``teacher``'s architecture with ``len(layers)`` layers, initialised with the
     teacher's embeddings, its layers ``layers`` (student layer j ← teacher layer layers[j]) and its
-    head. Supported families: BERT, RoBERTa (and XLM-R/CamemBERT), DistilBERT, GPT-2; any task head
-    of theirs (``*ForMaskedLM``, ``*LMHeadModel``, bare ``*Model``). ``ValueError`` otherwise."""
+    head. Supported families: BERT, RoBERTa (and XLM-R/CamemBERT), DistilBERT, GPT-2, Llama,
+    Mistral, Qwen2/Qwen3, Gemma/Gemma2; any task head of theirs (``*ForMaskedLM``,
+    ``*LMHeadModel``, ``*ForCausalLM``, bare ``*Model``). ``ValueError`` otherwise."""
     config = teacher.config
     model_type = getattr(config, "model_type", None)
     if model_type not in LAYER_PREFIXES:
@@ -59,9 +67,10 @@ def init_student_from_teacher(teacher: nn.Module, layers: list[int] | None = Non
             f"student_layers {bad} out of range: the teacher has {n_teacher} layers (0..{n_teacher - 1})"
         )
     student_config = config.__class__.from_dict(config.to_dict())
-    student_config.num_hidden_layers = len(
-        layers
-    )  # attribute_map: n_layer (GPT-2), n_layers (DistilBERT)
+    # attribute_map: n_layer (GPT-2), n_layers (DistilBERT)
+    student_config.num_hidden_layers = len(layers)
+    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds
+        student_config.layer_types = [config.layer_types[i] for i in layers]
     student = teacher.__class__(student_config)
 
     pattern = re.compile(r"^((?:.*\.)?" + re.escape(LAYER_PREFIXES[model_type]) + r")(\d+)\.(.*)$")

@@ -1,6 +1,6 @@
 """The task registry: a task name (``--task``) → its :class:`~fastdistill.train.tasks.base.Task`.
 
-The built-in tasks (``mlm``, ``clm``, ``hidden``, ``squad``) register themselves when this package
+The built-in tasks (``mlm``, ``clm``, ``hidden``, ``squad``, ``llm``) register themselves when this package
 is imported; :func:`register_task` adds another (a test registers a toy regression task and trains
 it through the unchanged trainer). The trainer and the config look a task up here by name once;
 nothing else tests the name.
@@ -52,10 +52,11 @@ def all_tasks() -> tuple[type[Task], ...]:
 def _register_builtins() -> None:
     from fastdistill.train.tasks.clm import CLMTask
     from fastdistill.train.tasks.hidden import HiddenTask
+    from fastdistill.train.tasks.llm import LLMTask
     from fastdistill.train.tasks.mlm import MLMTask
     from fastdistill.train.tasks.squad import SquadTask
 
-    for cls in (MLMTask, CLMTask, HiddenTask, SquadTask):
+    for cls in (MLMTask, CLMTask, HiddenTask, SquadTask, LLMTask):
         register_task(cls)
 
 

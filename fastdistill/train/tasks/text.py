@@ -154,11 +154,11 @@ class TextTask(Task):
                 kwargs = batch.model_inputs(student)
                 s_out = student(**kwargs)
                 t_out = teacher(**kwargs) if teacher is not None else None
-                _add_logit_metrics(sums, s_out, t_out, batch.labels)
+                add_logit_metrics(sums, s_out, t_out, batch.labels)
         return sums.means()
 
 
-def _add_logit_metrics(sums: Means, s_out, t_out, labels) -> None:
+def add_logit_metrics(sums: Means, s_out, t_out, labels) -> None:
     sel = labels != TD.IGNORE_INDEX
     s = s_out.logits[sel].float()
     labels = labels[sel]
@@ -168,10 +168,12 @@ def _add_logit_metrics(sums: Means, s_out, t_out, labels) -> None:
     if t_out is None:
         return
     t = t_out.logits[sel].float()
+    sums.add("teacher_accuracy", (t.argmax(-1) == labels).sum(), k)
+    v = min(s.size(-1), t.size(-1))  # vocabularies of different padded sizes: the common part
+    s, t = s[:, :v], t[:, :v]
     kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
     sums.add("kl_to_teacher", kl, k)
     sums.add("top1_agreement", (s.argmax(-1) == t.argmax(-1)).sum(), k)
-    sums.add("teacher_accuracy", (t.argmax(-1) == labels).sum(), k)
 
 
 class Means:

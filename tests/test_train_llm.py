@@ -1,0 +1,190 @@
+"""The decoder-LLM task: every supported family distils through the trainer, chat rendering marks
+exactly the assistant tokens, packing leaks nothing across sequences, and vocabulary or family
+mismatches are clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from _tiny import build_bpe_tokenizer
+
+from fastdistill.train import TrainConfig, train
+from fastdistill.train.demo import CORPUS
+from fastdistill.train.student import init_student_from_teacher
+from fastdistill.train.tasks.llm import data as LD
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+FAMILIES = {
+    "llama": transformers.LlamaConfig,
+    "qwen2": transformers.Qwen2Config,
+    "qwen3": transformers.Qwen3Config,
+    "mistral": transformers.MistralConfig,
+    "gemma": transformers.GemmaConfig,
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llm")
+    lines = [ln for ln in CORPUS.read_text(encoding="utf-8").splitlines() if ln.strip()][:160]
+    (root / "text.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tok = build_bpe_tokenizer([root / "text.txt"], 300, root / "tok", style="gpt2")
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(root / "tok")
+    short = [" ".join(line.split()[:6]) for line in lines]  # conversations of 20-50 tokens
+    chats = [
+        {"messages": [{"role": "user", "content": a}, {"role": "assistant", "content": b}]}
+        for a, b in zip(short[0:120:2], short[1:120:2], strict=True)
+    ]
+    (root / "train.jsonl").write_text("\n".join(map(json.dumps, chats[:50])) + "\n")
+    (root / "eval.jsonl").write_text("\n".join(map(json.dumps, chats[50:])) + "\n")
+    return {"root": root, "tok": tok}
+
+
+def _decoder(family, tok, layers=2, vocab=None):
+    config = FAMILIES[family](
+        vocab_size=vocab or len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def _save_teacher(inputs, family, **kw):
+    path = inputs["root"] / f"teacher-{family}-{kw.get('vocab', 0)}"
+    if not path.exists():
+        _decoder(family, inputs["tok"], **kw).save_pretrained(path)
+        inputs["tok"].save_pretrained(path)
+    return path
+
+
+def _cfg(inputs, teacher, out, **kw):
+    base = dict(
+        task="llm",
+        teacher=str(teacher),
+        train_files=[str(inputs["root"] / "train.jsonl")],
+        eval_files=[str(inputs["root"] / "eval.jsonl")],
+        cache_dir=str(inputs["root"] / "cache"),
+        output_dir=str(out),
+        max_length=192,
+        batch_size=4,
+        max_steps=4,
+        log_interval=2,
+        save_interval=4,
+        learning_rate=3e-3,
+        teacher_dtype="float32",
+        progress_bar=False,
+        tensorboard=False,
+    )
+    return TrainConfig.from_dict(base | kw)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_family_distils_a_student_initialised_from_its_layers(inputs, tmp_path, family):
+    teacher = _save_teacher(inputs, family)
+    cfg = _cfg(inputs, teacher, tmp_path / "run", divergence="jsd", beta=0.3, alpha_ce=0.5)
+    summary = train(cfg)
+    assert summary["steps"] == 4 and summary["skipped_steps"] == 0
+    assert summary["student_parameters"] < summary["teacher_parameters"]
+    after = summary["eval_after"]
+    assert np.isfinite(after["kl_to_teacher"]) and 0 <= after["top1_agreement"] <= 1
+    student = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    assert student.config.model_type == family and student.config.num_hidden_layers == 1
+
+
+def test_chat_rendering_marks_exactly_the_assistant_tokens(inputs):
+    tok = inputs["tok"]
+    record = {
+        "messages": [
+            {"role": "user", "content": "in the beginning"},
+            {"role": "assistant", "content": "god created"},
+            {"role": "user", "content": "and the earth"},
+            {"role": "assistant", "content": "was without form"},
+        ]
+    }
+    ids, flags = LD.render(record, tok, train_on_prompt=False)
+    text = tok.decode([i for i, f in zip(ids, flags, strict=True) if f])
+    assert text == "god created<|end|>was without form<|end|>"
+    _, all_flags = LD.render(record, tok, train_on_prompt=True)
+    assert all(all_flags)
+    plain = transformers.AutoTokenizer.from_pretrained(inputs["root"] / "tok")
+    plain.chat_template = None
+    ids, flags = LD.render({"prompt": "in the", "completion": " beginning"}, plain, False)
+    assert (
+        tok.decode([i for i, f in zip(ids, flags, strict=True) if f]) == " beginning<|endoftext|>"
+    )
+    with pytest.raises(ValueError, match="need a tokenizer with a chat template"):
+        LD.render(record, plain, False)
+
+
+def test_packed_rows_give_each_sequence_exactly_its_unpacked_logits(inputs):
+    tok = inputs["tok"]
+    settings = LD.LLMDataSettings(max_length=192)
+    examples = LD.load_examples(
+        [str(inputs["root"] / "train.jsonl")], tok, settings, cache_dir=inputs["root"] / "cache"
+    )
+    assert examples.meta["stats"]["truncated"] == 0
+    packed = LD.pack(examples, 192, enabled=True)
+    assert len(packed) < len(examples) / 2 and packed.lengths.max() <= 192
+    assert sorted(np.concatenate(packed.members).tolist()) == list(range(len(examples)))
+    model = _decoder("llama", tok).eval()
+    batch = LD.collate(packed, [0, 1], pad_id=tok.eos_token_id, packed=True)
+    with torch.no_grad():
+        logits = model(**batch.model_inputs(model)).logits
+    for row in (0, 1):
+        at = 0
+        for i in packed.members[row]:
+            seq, tgt = examples.sequence(int(i))
+            with torch.no_grad():
+                alone = model(torch.from_numpy(seq.astype(np.int64))[None]).logits[0]
+            torch.testing.assert_close(logits[row, at : at + len(seq)], alone, atol=2e-5, rtol=0)
+            labels = batch.labels[row, at : at + len(seq)]
+            assert labels[-1] == LD.IGNORE_INDEX  # nothing predicted across the boundary
+            want = np.where(tgt[1:] == 1, seq[1:], LD.IGNORE_INDEX)
+            assert np.array_equal(labels[:-1].numpy(), want)
+            at += len(seq)
+
+
+def test_mismatched_vocabularies_and_unknown_families_are_clear_errors(inputs, tmp_path):
+    teacher = _save_teacher(inputs, "qwen2", vocab=len(inputs["tok"]) + 64)  # padded vocabulary
+    student_cfg = _decoder("qwen2", inputs["tok"], layers=1).config
+    student_cfg.save_pretrained(tmp_path / "student-config")
+    kw = dict(student_config=str(tmp_path / "student-config"))
+    with pytest.raises(ValueError, match="pass --vocab common"):
+        train(_cfg(inputs, teacher, tmp_path / "a", **kw))
+    summary = train(_cfg(inputs, teacher, tmp_path / "b", vocab="common", **kw))
+    assert summary["skipped_steps"] == 0
+    phi = transformers.AutoModelForCausalLM.from_config(
+        transformers.PhiConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        )
+    )
+    with pytest.raises(ValueError, match="supported families are .*llama.*qwen3"):
+        init_student_from_teacher(phi)
