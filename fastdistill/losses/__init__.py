@@ -1,7 +1,8 @@
 """Fused distillation losses: drop-in replacements for the usual PyTorch loss formulas.
 
 Functional: kl_div_loss, reverse_kl_loss, jsd_loss, tvd_loss, mse_loss, cosine_loss,
-cross_entropy, distillation_loss, all_finite.
+cross_entropy, distillation_loss, all_finite;
+linear_distillation_loss (hidden states and output heads in, no logits).
 Modules: KLDivLoss, MSELoss, CosineLoss, CrossEntropyLoss, DistillationLoss.
 Backend: FASTDISTILL_BACKEND = auto | torch | native | triton (see fastdistill.backend).
 """
@@ -17,6 +18,7 @@ from fastdistill.losses.functional import (
     reverse_kl_loss,
     tvd_loss,
 )
+from fastdistill.losses.linear import linear_distillation_loss
 from fastdistill.losses.modules import (
     CosineLoss,
     CrossEntropyLoss,
@@ -32,6 +34,7 @@ __all__ = [
     "distillation_loss",
     "jsd_loss",
     "kl_div_loss",
+    "linear_distillation_loss",
     "mse_loss",
     "reverse_kl_loss",
     "tvd_loss",

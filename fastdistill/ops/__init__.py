@@ -12,6 +12,7 @@ from fastdistill.ops import (  # noqa: F401
     distillation_divergence,
     jsd,
     kl_div,
+    linear_distillation,
     mse,
     reverse_kl,
     tvd,
