@@ -230,6 +230,10 @@ float pass3_portable(const T* s, const T* t, const Pass3Args& p, int64_t j0, int
 #endif
 
 #include "cpu/divergences.h"
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include "cpu/divergences_avx512.h"
+#define FD_JSD_AVX512 1
+#endif
 
 namespace fastdistill {
 namespace FD_ISA {
@@ -281,6 +285,13 @@ void divergence_passes(const S* s, const S* t, int64_t V, const DivParams& p, fl
     for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
       const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
       float loss = 0.0f, s0 = 0.0f;
+#if FD_JSD_AVX512
+      if constexpr (DIV == kJSD) {  // the hand-vectorised loop (divergences_avx512.h)
+        jsd_pass3_avx512(es_, q_, eu_, j0, j1, inv_zs, inv_zt, delta, c, loss, s0);
+        loss_d += loss, s0_d += s0;
+        continue;
+      }
+#endif
 #pragma omp simd reduction(+ : loss, s0)
       for (int64_t j = j0; j < j1; ++j) {
         const float ps = es_[j] * inv_zs, pt = q_[j] * inv_zt;
