@@ -19,7 +19,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, config: dict) -> None:
+class Stop(Exception):
+    """Raised by every process after optimizer step ``stop_at``: a run killed there."""
+
+
+def _worker(rank: int, world: int, port: int, config: dict, stop_at: int | None = None) -> None:
     # What torchrun sets for each process.
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -29,7 +33,20 @@ def _worker(rank: int, world: int, port: int, config: dict) -> None:
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
-    train(TrainConfig.from_dict(config))
+
+    def hook(step):
+        if step == stop_at:
+            raise Stop
+
+    try:
+        train(TrainConfig.from_dict(config), on_step_end=hook)
+    except Stop:
+        pass
+
+
+def run_processes(config: dict, world: int = 2, stop_at: int | None = None) -> None:
+    """Train ``config`` in ``world`` gloo processes (stopping all after step ``stop_at``)."""
+    mp.spawn(_worker, args=(world, _free_port(), config, stop_at), nprocs=world, join=True)
 
 
 def train_two_processes_and_one(tmp_path: Path, common: dict, *, global_batch: int) -> dict:

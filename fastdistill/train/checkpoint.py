@@ -59,8 +59,9 @@ def _files(root: Path) -> list[Path]:
 # ---- writing -----------------------------------------------------------------------------------
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    sd = optimizer.state_dict()
+def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], list]:
+    """``state.<param>.<name>`` tensors and the param groups of an optimizer state dict (params
+    keyed by index, or by name for a gathered FSDP2 state)."""
     tensors = {}
     for idx, state in sd["state"].items():
         for name, value in state.items():
@@ -104,16 +105,21 @@ def save_checkpoint(
     optimizer,
     trainer_state: dict[str, Any],
     keep: int,
+    model_state: dict | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the newest ``keep``."""
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the newest ``keep``.
+    ``model_state``/``optimizer_state``: full state dicts gathered from a sharded model (else the
+    model and the optimizer give their own)."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     tmp = fsutil.make_tmp_dir(root)
     try:
-        model.save_pretrained(tmp / "model", safe_serialization=True)
+        model.save_pretrained(tmp / "model", state_dict=model_state, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "model")
-        tensors, groups = _optimizer_tensors(optimizer)
+        sd = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+        tensors, groups = _optimizer_tensors(sd)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         state = dict(trainer_state, step=step, optimizer_param_groups=groups)
         (tmp / STATE).write_text(json.dumps(state, indent=1, default=_json_default))
@@ -223,19 +229,31 @@ def resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]
     raise ValueError(f"no intact checkpoint in {root}: " + "; ".join(reasons))
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, path: Path, state: dict[str, Any]) -> None:
+def load_optimizer(
+    optimizer: torch.optim.Optimizer, path: Path, state: dict[str, Any], model=None
+) -> None:
+    """Restore the optimizer of a checkpoint: index-keyed states directly; name-keyed ones (a
+    gathered FSDP2 state) sharded again through ``model``."""
     f = path / "optimizer.safetensors"
     try:
         tensors = load_file(str(f))
-        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        per_param: dict[Any, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
-            _, idx, name = key.split(".", 2)
-            per_param.setdefault(int(idx), {})[name] = value
+            param, name = key.split(".", 1)[1].rsplit(".", 1)
+            per_param.setdefault(int(param) if param.isdigit() else param, {})[name] = value
         groups = state["optimizer_param_groups"]
         for g in groups:
             if "betas" in g:
                 g["betas"] = tuple(g["betas"])
-        optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+        full = {"state": per_param, "param_groups": groups}
+        if any(isinstance(k, str) for k in per_param) or (
+            groups and groups[0]["params"] and isinstance(groups[0]["params"][0], str)
+        ):
+            from fastdistill.train.parallel import load_full_optimizer_state
+
+            load_full_optimizer_state(model, optimizer, full)
+        else:
+            optimizer.load_state_dict(full)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ValueError(f"{f}: cannot restore the optimizer ({exc})") from None
 

@@ -197,6 +197,12 @@ class TrainConfig:
         "evaluate --student-pretrained (a final/ directory or a checkpoint) on --eval-files "
         "without training; results in OUTPUT_DIR/eval_results.json (squad: and OUTPUT_DIR/eval/)",
     )
+    parallel: str = option(
+        "ddp",
+        "with torchrun: ddp (every process holds the whole student) or fsdp (FSDP2: student and "
+        "teacher sharded layer by layer; checkpoints gathered into the usual format)",
+        choices=("ddp", "fsdp"),
+    )
     num_threads: int | None = option(
         None,
         "CPU threads per process (default on the command line: the cores other processes are "

@@ -87,3 +87,18 @@ def finite_or_none(record: dict[str, Any]) -> dict[str, Any]:
     return {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
     }
+
+
+def train_record(step: int, epoch: int, values: dict[str, Any], lr: float, skipped_total: int):
+    """The metrics.jsonl record of one log interval (NaN/inf as null)."""
+    record = {"kind": "train", "step": step, "epoch": epoch}
+    record.update({k: values[k] for k in ("loss", *LOSS_TERMS)})
+    record.update(
+        lr=lr,
+        grad_norm=values["grad_norm"],
+        tokens_per_s=values["tokens_per_s"],
+        skipped_steps=values["n_skipped"],
+        skipped_total=skipped_total,
+        time=time.time(),
+    )
+    return finite_or_none(record)

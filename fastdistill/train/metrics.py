@@ -201,3 +201,19 @@ def _plot_eval(ax, title: str, lines: dict[str, tuple[list, list]]) -> None:
     ax.set_title(title if title.startswith("held-out") else f"held-out {title}")
     ax.set_xlabel("step")
     ax.legend(fontsize="small")
+
+
+def append_eval(run_dir: str | os.PathLike, step: int, values: dict[str, Any]) -> None:
+    """Append one held-out evaluation record to RUN/metrics.jsonl (after the logger closed)."""
+    if values:
+        with open(Path(run_dir) / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"kind": "eval", "step": step, **values}) + "\n")
+
+
+def fmt(values: dict[str, Any]) -> str:
+    """``key=value`` pairs of a record for a log line."""
+    return " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in values.items()
+        if k not in ("kind", "time")
+    )

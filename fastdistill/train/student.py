@@ -112,3 +112,16 @@ def model_dir(path: str) -> str:
     if not (p / "config.json").is_file() and (p / "model" / "config.json").is_file():
         return str(p / "model")
     return path
+
+
+def layer_modules(model: nn.Module) -> list[nn.Module]:
+    """The transformer layers of ``model`` (the units FSDP2 shards one by one), found by the
+    family's layer prefix; empty for an unknown family (the model is then one unit)."""
+    prefix = LAYER_PREFIXES.get(getattr(model.config, "model_type", None))
+    if prefix is None:
+        return []
+    tail = prefix.rstrip(".")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and (name == tail or name.endswith("." + tail)):
+            return list(module)
+    return []

@@ -21,14 +21,12 @@ nothing).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import shutil
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,11 +37,11 @@ from torch import nn
 
 from fastdistill import losses as FL
 from fastdistill.train import checkpoint as ckpt
-from fastdistill.train import fsutil, loading, optimization, rundir
+from fastdistill.train import fsutil, loading, optimization, parallel, rundir
 from fastdistill.train.batching import BatchPlan
 from fastdistill.train.config import TrainConfig
-from fastdistill.train.interval import IntervalStats, finite_or_none
-from fastdistill.train.metrics import MetricsLogger, plot_metrics
+from fastdistill.train.interval import IntervalStats, train_record
+from fastdistill.train.metrics import MetricsLogger, append_eval, fmt, plot_metrics
 from fastdistill.train.runtime import (
     Processes,
     process_group,
@@ -181,7 +179,7 @@ class Trainer:
                 f"the checkpoint was made for {state.get('total_steps')} steps, this "
                 f"config gives {self.total_steps}: resume with the same data and step settings"
             )
-        ckpt.load_optimizer(self.optimizer, self.resume_from, state)
+        ckpt.load_optimizer(self.optimizer, self.resume_from, state, model=self.student)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -191,10 +189,7 @@ class Trainer:
 
     def _setup_logging(self) -> None:
         cfg, is_main = self.cfg, self.procs.is_main
-        self.model = self.student
-        if self.procs.world > 1:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.student, device_ids=device_ids)
+        self.model = parallel.wrap(self.student, cfg.parallel, self.procs.world, self.device)
         self.metrics = (
             MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, resume_step=self.step)
             if is_main
@@ -229,6 +224,10 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         self._setup_schedule()
+        if self.cfg.parallel == "fsdp" and self.procs.world > 1:  # before the optimizer exists
+            parallel.shard(self.student)
+            if self.teacher is not None:
+                parallel.shard(self.teacher)
         self._setup_optimizer()
         self._restore()
         self._setup_logging()
@@ -271,9 +270,8 @@ class Trainer:
             self.stats.tokens += batch.num_tokens * procs.world
             w = {g: float(c[idx].sum() / denom[g]) for g, c in self.counts.items()}
             w["world"] = procs.world
-            last = i == len(micro_batches) - 1
-            no_sync = procs.world > 1 and not last
-            with self.model.no_sync() if no_sync else contextlib.nullcontext():
+            skip_sync = procs.world > 1 and i < len(micro_batches) - 1
+            with parallel.no_sync(self.model, self.cfg.parallel, skip_sync):
                 loss, terms = self._forward(batch, w)
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             step_loss += loss.detach().float() / procs.world
@@ -306,6 +304,7 @@ class Trainer:
             grad_norm = nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         else:
             grad_norm = nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        grad_norm = parallel.local(grad_norm)  # FSDP2: a replicated DTensor
         ok = FL.all_finite(step_loss, grad_norm)
         if scaler is not None:
             scaler.step(optimizer)  # skips on its own inf check (the same grads)
@@ -323,7 +322,7 @@ class Trainer:
     def _end_of_interval(self) -> None:
         """The one host sync per log interval: log, stop a run going bad, evaluate, checkpoint."""
         cfg, step = self.cfg, self.step
-        values = self.stats.read(self.procs.world, params_ok=FL.all_finite(*self.params))
+        values = self.stats.read(self.procs.world, params_ok=self._params_finite())
         self.skipped_total += values["n_skipped"]
         self._log_interval(values)
         if values["max_consecutive"] >= cfg.max_consecutive_skips:
@@ -346,17 +345,8 @@ class Trainer:
     def _log_interval(self, values: dict[str, Any]) -> None:
         if not self.procs.is_main:
             return
-        record = {"kind": "train", "step": self.step, "epoch": self.epoch}
-        record.update({k: values[k] for k in ("loss", *LOSS_TERMS)})
-        record.update(
-            lr=self.scheduler.get_last_lr()[0],
-            grad_norm=values["grad_norm"],
-            tokens_per_s=values["tokens_per_s"],
-            skipped_steps=values["n_skipped"],
-            skipped_total=self.skipped_total,
-            time=time.time(),
-        )
-        record = finite_or_none(record)
+        lr = self.scheduler.get_last_lr()[0]
+        record = train_record(self.step, self.epoch, values, lr, self.skipped_total)
         self.metrics.log(record)
         if self.pbar is not None:
             self.pbar.set_postfix(
@@ -366,7 +356,7 @@ class Trainer:
                 refresh=False,
             )
         else:
-            log.info("step %d/%d %s", self.step, self.total_steps, _fmt(record))
+            log.info("step %d/%d %s", self.step, self.total_steps, fmt(record))
 
     def _too_many_skips(self, consecutive: int) -> TrainingError:
         return self._stopped(
@@ -384,12 +374,17 @@ class Trainer:
             "instead of fp16."
         )
 
+    def _params_finite(self) -> torch.Tensor:
+        """0-dim bool on the device: every process's parameters (or shards) are finite."""
+        mine = FL.all_finite(*[parallel.local(p) for p in self.params])
+        return parallel.all_finite_everywhere(mine, self.procs.world)
+
     def _check_end_state(self) -> None:
         """Never end green with a wrong model: refuse to save non-finite parameters or a run in
         which every step was skipped; say when the last steps were skipped."""
         if self.step > 0 and self.skipped_total >= self.step:
             raise self._stopped(f"every one of the {self.step} optimizer steps was skipped")
-        if not bool(FL.all_finite(*self.params)):
+        if not bool(self._params_finite()):
             raise self._stopped("the student's parameters are not finite (NaN or inf)")
         streak = int(self.stats.consecutive)
         if streak:
@@ -402,6 +397,9 @@ class Trainer:
     # ---- checkpoints and evaluation ----------------------------------------------------------------
 
     def _save(self) -> None:
+        # FSDP2: every process gathers (a collective); rank 0 writes.
+        model_state = parallel.full_model_state(self.student, self.cfg.parallel)
+        optim_state = parallel.full_optimizer_state(self.student, self.optimizer, self.cfg.parallel)
         if not self.procs.is_main:
             return
         ckpt.save_checkpoint(
@@ -411,6 +409,8 @@ class Trainer:
             tokenizer=self.tokenizer,
             optimizer=self.optimizer,
             keep=self.cfg.keep_checkpoints,
+            model_state=model_state,
+            optimizer_state=optim_state,
             trainer_state={
                 "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch,
@@ -442,7 +442,7 @@ class Trainer:
         values = self._evaluate(self.step, score_teacher=True)
         if self.metrics is not None and values:
             self.metrics.log({"kind": "eval", "step": self.step, **values})
-            log.info("held-out before: %s", _fmt(values))
+            log.info("held-out before: %s", fmt(values))
         return values
 
     def _finish(self) -> dict[str, Any]:
@@ -458,13 +458,14 @@ class Trainer:
             student_parameters=count_parameters(self.student),
             teacher_parameters=count_parameters(self.teacher) if self.teacher else None,
         )
+        model_state = parallel.full_model_state(self.student, self.cfg.parallel)
         if self.procs.is_main:
             final = self.run_dir / "final"
-            self.student.save_pretrained(final, safe_serialization=True)
+            self.student.save_pretrained(final, state_dict=model_state, safe_serialization=True)
             self.tokenizer.save_pretrained(final)
-            _append_eval(self.run_dir, self.step, summary["eval_after"])
+            append_eval(self.run_dir, self.step, summary["eval_after"])
             if summary["eval_after"]:
-                log.info("held-out after: %s", _fmt(summary["eval_after"]))
+                log.info("held-out after: %s", fmt(summary["eval_after"]))
             summary["figure"] = str(plot_metrics(self.run_dir))
             fsutil.write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         self.procs.barrier()
@@ -479,20 +480,6 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             text = json.dumps(summary, indent=1)
             fsutil.write_text_atomic(self.run_dir / "eval_results.json", text)
-            log.info("held-out: %s", _fmt(values))
+            log.info("held-out: %s", fmt(values))
         self.procs.barrier()
         return summary
-
-
-def _append_eval(run_dir: Path, step: int, values: dict[str, float]) -> None:
-    if values:
-        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"kind": "eval", "step": step, **values}) + "\n")
-
-
-def _fmt(values: dict[str, Any]) -> str:
-    return " ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-        for k, v in values.items()
-        if k not in ("kind", "time")
-    )
