@@ -33,9 +33,10 @@ from fastdistill.ops._divergence import divergence_code
 from fastdistill.ops._fused_logits import Terms, Transform, run_fused_logits
 
 _F32 = torch.float32
-# Target size of ONE float32 chunk of logits (three are alive at once). On CPU, larger chunks gain
-# little GEMM efficiency and only cost memory (bench/RESULTS.md, "Fused linear distillation").
-CPU_CHUNK_BYTES = 32 << 20
+# Target size of ONE float32 chunk of logits (three are alive at once). Each chunk also reads and
+# writes the whole float32 weight gradient (V x H) once, so chunks of fewer than a few hundred rows
+# spend more time on that than on their GEMMs; 128 MiB is 1,024 rows at V = 32,000.
+CPU_CHUNK_BYTES = 128 << 20
 GPU_CHUNK_BYTES = 256 << 20
 
 

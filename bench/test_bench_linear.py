@@ -1,0 +1,170 @@
+"""pytest-benchmark suite of the fused linear distillation (``linear_distillation_loss``): hidden
+states and lm_head weights in, forward + backward, against the baselines of
+bench/baselines_linear.py (eager on materialised logits, TRL-style chunked eager, Liger's
+``LigerFusedLinearJSDLoss`` when importable, ``F.linear_cross_entropy`` for CE only) and the bare
+GEMMs as the floor, all in one run. Every case records its best time, its ratio to the GEMMs of
+the same configuration and its peak extra memory (bench/memory.py) in extra_info and in the
+summary printed at the end.
+
+    pytest bench/test_bench_linear.py -q                        # the 32k-vocabulary configs
+    FASTDISTILL_BENCH_LINEAR=speed-32k,memory-2k pytest bench/test_bench_linear.py -q
+    FASTDISTILL_BENCH_LINEAR=all pytest bench/test_bench_linear.py -q  # includes V = 128,256
+
+"Working" memory = peak extra memory minus the gradients the call returns (d hidden, d W): what
+the loss needs beyond its inputs, weights and the weight gradient.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import fastdistill.losses as FL
+
+from . import baselines_linear as B
+from . import harness
+from .memory import peak_extra_memory
+
+BETA, TEMPERATURE = 0.5, 1.0
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    rows: int
+    hidden: int
+    vocab: int
+    impls: tuple[str, ...]
+    rounds: int = 2
+    default: bool = True
+
+
+_JSD = ("gemms", "fastdistill", "eager", "trl_chunked", "liger")
+_CE = ("fastdistill_ce", "eager_ce", "linear_ce", "linear_ce_chunked")
+CONFIGS = {
+    c.name: c
+    for c in (
+        Config("speed-32k", 2048, 1024, 32_000, _JSD + _CE),
+        Config("memory-2k", 2048, 256, 32_000, ("fastdistill", "eager", "trl_chunked", "liger")),
+        Config("memory-8k", 8192, 256, 32_000, ("fastdistill", "eager", "trl_chunked", "liger")),
+        Config("memory-32k", 32_768, 256, 32_000, ("fastdistill",), rounds=1, default=False),
+        Config(
+            "speed-128k",
+            2048,
+            1024,
+            128_256,
+            ("gemms", "fastdistill", "fastdistill_ce"),
+            rounds=1,
+            default=False,
+        ),  # fmt: skip
+        Config("smoke", 96, 32, 500, _JSD + _CE, default=False),
+        Config("memory-128k", 2048, 256, 128_256, ("fastdistill",), rounds=1, default=False),
+    )
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _selected() -> list[Config]:
+    wanted = os.environ.get("FASTDISTILL_BENCH_LINEAR", "default")
+    if wanted == "all":
+        return list(CONFIGS.values())
+    if wanted == "default":
+        return [c for c in CONFIGS.values() if c.default]
+    return [CONFIGS[name] for name in wanted.split(",")]
+
+
+def _dtypes(cfg: Config) -> list[str]:
+    return ["fp32", "bf16"] if cfg.name.startswith(("speed", "smoke")) else ["fp32"]
+
+
+CASES = [
+    pytest.param(cfg, dt, impl, id=f"{cfg.name}-{dt}-{impl}")
+    for cfg in _selected()
+    for dt in _dtypes(cfg)
+    for impl in cfg.impls
+]
+_INPUTS: dict = {}
+_BEST: dict = {}  # (config, dtype, impl) -> best seconds, for the ratios in the summary
+
+
+def _inputs(cfg: Config, dtype: torch.dtype):
+    key = (cfg.name, dtype)
+    if key not in _INPUTS:
+        _INPUTS.clear()  # one configuration at a time: the large ones take GBs
+        g = torch.Generator().manual_seed(cfg.rows + cfg.vocab)
+        n, h, v = cfg.rows, cfg.hidden, cfg.vocab
+        hs = torch.randn(n, h, generator=g)
+        # Teacher hidden states correlated with the student's, heads of realistic logit spread.
+        ht = hs * 0.8 + 0.6 * torch.randn(n, h, generator=g)
+        w = torch.randn(v, h, generator=g) * (2.0 / h**0.5)
+        wt = w * 0.9 + torch.randn(v, h, generator=g) * (1.0 / h**0.5)
+        labels = torch.randint(0, v, (n,), generator=g)
+        labels[::8] = B.IGNORE
+        _INPUTS[key] = tuple(x.to(dtype) for x in (hs, w, ht, wt)) + (labels,)
+    return _INPUTS[key]
+
+
+def _step(impl: str, h, w, th, tw, labels):
+    """One forward + backward of ``impl``; returns the loss and the gradients it produced."""
+    if impl == "gemms":
+        return None, B.gemms(h, w, th, tw)
+    hs, ws = h.detach().requires_grad_(True), w.detach().requires_grad_(True)
+    if impl == "fastdistill":
+        loss, _, _ = FL.linear_distillation_loss(
+            hs, ws, teacher_hidden=th, teacher_weight=tw, labels=labels, divergence="jsd",
+            beta=BETA, temperature=TEMPERATURE,
+        )  # fmt: skip
+    elif impl == "fastdistill_ce":
+        loss, _, _ = FL.linear_distillation_loss(hs, ws, labels=labels, alpha_kd=0, alpha_ce=1)
+    elif impl == "eager_ce":
+        loss = torch.nn.functional.cross_entropy((hs @ ws.t()).float(), labels)
+    elif impl in ("linear_ce", "linear_ce_chunked"):
+        loss = getattr(B, impl)(hs, ws, labels)
+    else:
+        loss = getattr(B, impl)(hs, ws, th, tw, labels, beta=BETA, temperature=TEMPERATURE)
+    loss.backward()
+    return loss.detach(), (hs.grad, ws.grad)
+
+
+@pytest.mark.parametrize("cfg, dtype_name, impl", CASES)
+def test_linear(benchmark, cfg: Config, dtype_name: str, impl: str):
+    if impl == "liger" and (reason := B.liger_status()):
+        pytest.skip(reason)
+    dtype = DTYPES[dtype_name]
+    h, w, th, tw, labels = _inputs(cfg, dtype)
+    start = time.perf_counter()
+    _step(impl, h, w, th, tw, labels)  # warm-up (compiles Liger's chunk function)
+    warm = time.perf_counter() - start
+    mem = peak_extra_memory(lambda: _step(impl, h, w, th, tw, labels))
+    loss, grads = mem.result
+    grad_bytes = sum(g.numel() * g.element_size() for g in grads if g is not None)
+    if impl == "gemms":
+        grad_bytes = 0  # its outputs are the GEMM results, not gradients
+    peak = mem.peak_bytes
+    del mem, grads  # the gradients of the profiled call: not alive while timing
+    benchmark.group = f"linear {cfg.name} {dtype_name}"
+    benchmark.pedantic(lambda: _step(impl, h, w, th, tw, labels), rounds=cfg.rounds, iterations=1)
+    best = benchmark.stats.stats.min
+    _BEST[(cfg.name, dtype_name, impl)] = best
+    floor = _BEST.get((cfg.name, dtype_name, "gemms"))
+    logits_chunk = 4 * cfg.vocab  # bytes of one fp32 logits row
+    working = peak - grad_bytes
+    benchmark.extra_info.update(
+        impl=impl, rows=cfg.rows, hidden=cfg.hidden, vocab=cfg.vocab, dtype=dtype_name,
+        loss=None if loss is None else float(loss), warmup_s=round(warm, 2),
+        peak_extra_bytes=peak, working_bytes=working, grad_bytes=grad_bytes,
+        x_gemms=None if floor is None else round(best / floor, 3),
+        loadavg_1m=round(os.getloadavg()[0], 2),
+    )  # fmt: skip
+    harness.SUMMARY_LINES.append(
+        f"linear {cfg.name} N={cfg.rows} H={cfg.hidden} V={cfg.vocab} {dtype_name} {impl:18s} "
+        f"best {best:7.3f} s" + (f" ({best / floor:5.2f}x GEMMs)" if floor else "")
+        + f", peak extra {peak / 2**20:8.1f} MiB, working {working / 2**20:8.1f} MiB"
+        f" (= {working / (logits_chunk * cfg.rows):.2f} logits), loss "
+        + ("-" if loss is None else f"{float(loss):.6f}")
+        + f", load {os.getloadavg()[0]:.1f}"
+    )  # fmt: skip
