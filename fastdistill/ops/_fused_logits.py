@@ -267,9 +267,10 @@ def fused_logits_gpu(
     # d(total)/d(term) / normaliser, with d(T² D)/ds = T dD/dz (1/T without T²; z = s/T) and
     # d(Σ(s−t)²)/ds = 2(s − t).
     kl_chain = temperature if terms.t2_scale else 1.0 / temperature
-    scales = torch.stack(
-        [terms.w_kl * kl_chain / d_kl, terms.w_ce / d_ce, 2.0 * terms.w_mse / d_mse]
-    ).to(torch.float32)
+    weights = [terms.w_kl * kl_chain / d_kl, terms.w_ce / d_ce, 2.0 * terms.w_mse / d_mse]
+    # The Triton kernel reads the divergence's and transforms' scalars after the weights.
+    options = (terms.beta, 1.0 - terms.beta, transform.logit_scale, transform.softcap or 1.0)
+    scales = torch.stack(weights + [_device_scalar(v, device) for v in options]).to(torch.float32)
     row_kl, row_ce, row_mse = _row_outputs(terms, rows, device)
     with on_device(device):
         launcher(

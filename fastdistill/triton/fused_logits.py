@@ -251,18 +251,20 @@ def _tile_outputs(
 
 
 @triton.jit
-def fused_logits_kernel(
+def _fused_logits_rows(
     student_ptr, student_row_stride,
     teacher_ptr, teacher_row_stride,
     labels_ptr, mask_ptr, scales_ptr,
     row_kl_ptr, row_ce_ptr, row_mse_ptr, grad_ptr,
     n_rows, n_cols, temperature, ignore_index,
-    kl_mult, beta, omb, logit_scale, softcap,
     KL: tl.constexpr, CE: tl.constexpr, MSE: tl.constexpr,
     HAS_MASK: tl.constexpr, WRITE_GRAD: tl.constexpr, SHARE: tl.constexpr,
     SINGLE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-    DIV: tl.constexpr, TRANSFORM: tl.constexpr,
+    T2: tl.constexpr, DIV: tl.constexpr, TRANSFORM: tl.constexpr,
 ):  # fmt: skip
+    """The row loop of both kernels below. T2: the divergence times T²; DIV: 0 forward KL,
+    1 reverse KL, 2 JSD, 3 TVD; TRANSFORM: 0 none, 1 logit_scale, 2 and softcap. Their scalars
+    (beta, 1 − beta, logit_scale, softcap) come as scales[3:7], read only where used."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     s_rows = student_ptr + rows * student_row_stride
@@ -275,6 +277,17 @@ def fused_logits_kernel(
     nan = float("nan")
     # A divergence other than forward KL needs a row sum before its gradient: an extra pass.
     ROW_SUM: tl.constexpr = KL and DIV != 0
+    kl_mult = temperature * temperature if T2 else 1.0
+    beta = 0.5
+    omb = 0.5
+    if DIV == 2:
+        beta = tl.load(scales_ptr + 3)
+        omb = tl.load(scales_ptr + 4)
+    logit_scale = 1.0
+    softcap = 1.0
+    if TRANSFORM != 0:
+        logit_scale = tl.load(scales_ptr + 5)
+        softcap = tl.load(scales_ptr + 6)
 
     # Which terms each row takes part in.
     selected = row_ok
@@ -448,6 +461,49 @@ def fused_logits_kernel(
         tl.store(row_mse_ptr + rows, mse_row, mask=row_ok)
 
 
+@triton.jit
+def fused_logits_kernel(
+    student_ptr, student_row_stride,
+    teacher_ptr, teacher_row_stride,
+    labels_ptr, mask_ptr, scales_ptr,
+    row_kl_ptr, row_ce_ptr, row_mse_ptr, grad_ptr,
+    n_rows, n_cols, temperature, ignore_index,
+    KL: tl.constexpr, CE: tl.constexpr, MSE: tl.constexpr,
+    HAS_MASK: tl.constexpr, WRITE_GRAD: tl.constexpr, SHARE: tl.constexpr,
+    SINGLE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The T²-scaled forward KL, CE and MSE on untransformed logits (kl_div, cross_entropy, mse,
+    distillation)."""
+    _fused_logits_rows(
+        student_ptr, student_row_stride, teacher_ptr, teacher_row_stride,
+        labels_ptr, mask_ptr, scales_ptr, row_kl_ptr, row_ce_ptr, row_mse_ptr, grad_ptr,
+        n_rows, n_cols, temperature, ignore_index,
+        KL, CE, MSE, HAS_MASK, WRITE_GRAD, SHARE, SINGLE, ROWS, BLOCK, True, 0, 0,
+    )  # fmt: skip
+
+
+@triton.jit
+def divergence_kernel(
+    student_ptr, student_row_stride,
+    teacher_ptr, teacher_row_stride,
+    labels_ptr, mask_ptr, scales_ptr,
+    row_kl_ptr, row_ce_ptr, row_mse_ptr, grad_ptr,
+    n_rows, n_cols, temperature, ignore_index,
+    KL: tl.constexpr, CE: tl.constexpr, MSE: tl.constexpr,
+    HAS_MASK: tl.constexpr, WRITE_GRAD: tl.constexpr, SHARE: tl.constexpr,
+    SINGLE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    T2: tl.constexpr, DIV: tl.constexpr, TRANSFORM: tl.constexpr,
+):  # fmt: skip
+    """The same row loop with another divergence, T² off, or the logit transforms
+    (reverse_kl, jsd, tvd, distillation_divergence)."""
+    _fused_logits_rows(
+        student_ptr, student_row_stride, teacher_ptr, teacher_row_stride,
+        labels_ptr, mask_ptr, scales_ptr, row_kl_ptr, row_ce_ptr, row_mse_ptr, grad_ptr,
+        n_rows, n_cols, temperature, ignore_index,
+        KL, CE, MSE, HAS_MASK, WRITE_GRAD, SHARE, SINGLE, ROWS, BLOCK, T2, DIV, TRANSFORM,
+    )  # fmt: skip
+
+
 def launch(
     student, teacher, labels, mask_u8, scales, row_kl, row_ce, row_mse, grad, *,
     temperature: float, ignore_index: int, kl: bool, ce: bool, mse: bool,
@@ -455,7 +511,8 @@ def launch(
     logit_scale: float = 1.0, softcap: float = 0.0,
 ) -> None:  # fmt: skip
     """Launch on 2-D ``(rows, cols)`` views with unit column stride. ``scales`` is a float32
-    tensor [3] of gradient weights on the device; ``row_*`` are float32 ``(rows,)`` outputs for
+    tensor on the device: [3] gradient weights, then (for JSD or a transform) beta, 1 − beta,
+    logit_scale and softcap (1 when off); ``row_*`` are float32 ``(rows,)`` outputs for
     the enabled terms; ``grad`` is a contiguous ``(rows, cols)`` buffer or None. ``divergence``:
     the code of csrc/cpu/kernels.h (0 forward KL, 1 reverse KL, 2 JSD with ``beta``, 3 TVD);
     ``logit_scale``/``softcap`` (0: off) transform both sides' logits before the temperature."""
@@ -465,7 +522,14 @@ def launch(
     rows_per_program, block = tile_shape(rows, cols, MAX_BLOCK)
     dummy = scales  # stands in for absent tensors; never dereferenced (constexpr-guarded)
     teacher_arg = teacher if teacher is not None else student
-    fused_logits_kernel[(triton.cdiv(rows, rows_per_program),)](
+    div = int(divergence) if kl else 0
+    transform = 2 if softcap else (1 if logit_scale != 1.0 else 0)
+    extra = {}
+    kernel = fused_logits_kernel
+    if div or transform or not t2_scale:
+        kernel = divergence_kernel
+        extra = dict(T2=bool(t2_scale), DIV=div, TRANSFORM=transform)
+    kernel[(triton.cdiv(rows, rows_per_program),)](
         student, student.stride(0),
         teacher_arg, teacher_arg.stride(0),
         labels if labels is not None else dummy,
@@ -476,8 +540,6 @@ def launch(
         row_mse if row_mse is not None else dummy,
         grad if grad is not None else student,
         rows, cols, float(temperature), int(ignore_index),
-        float(temperature) ** 2 if t2_scale else 1.0,
-        float(beta), 1.0 - float(beta), float(logit_scale), float(softcap) if softcap else 1.0,
         KL=kl, CE=ce, MSE=mse,
         HAS_MASK=mask_u8 is not None,
         WRITE_GRAD=grad is not None,
@@ -485,7 +547,6 @@ def launch(
         SINGLE=cols <= block,
         ROWS=rows_per_program,
         BLOCK=block,
-        DIV=int(divergence) if kl else 0,
-        TRANSFORM=2 if softcap else (1 if logit_scale != 1.0 else 0),
+        **extra,
         num_warps=num_warps_for(rows_per_program * block),
     )  # fmt: skip
