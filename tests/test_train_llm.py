@@ -188,3 +188,19 @@ def test_mismatched_vocabularies_and_unknown_families_are_clear_errors(inputs, t
     )
     with pytest.raises(ValueError, match="supported families are .*llama.*qwen3"):
         init_student_from_teacher(phi)
+
+
+def test_the_clm_demo_runs_and_prints_its_configs(tmp_path, capsys):
+    from fastdistill.train.cli import main
+    from fastdistill.train.demo import format_demo
+    from fastdistill.train.demo_clm import run_clm_demo
+
+    assert main(["--demo", "clm", "--print-config", "--output-dir", str(tmp_path / "x")]) == 0
+    printed = capsys.readouterr().out
+    assert "task: llm" in printed and "divergence: jsd" in printed and not (tmp_path / "x").exists()
+    result = run_clm_demo(tmp_path / "demo", quick=True, progress_bar=False, tensorboard=False)
+    for key in ("kl_to_teacher", "top1_agreement"):
+        assert np.isfinite(result["before"][key]) and np.isfinite(result["after"][key])
+    assert "a Llama teacher" in format_demo(result, kind="clm")
+    student = transformers.AutoModelForCausalLM.from_pretrained(result["student"])
+    assert student.config.model_type == "llama" and student.config.num_hidden_layers == 1

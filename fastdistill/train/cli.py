@@ -58,10 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--demo",
-        action="store_true",
-        help="run the embedded default (what no arguments does); honours --output-dir "
-        "(default: runs/demo), --progress-bar, --tensorboard, --resume and --print-config "
-        "(prints the demo's two configurations without running)",
+        nargs="?",
+        const="mlm",
+        choices=("mlm", "clm"),
+        help="run an embedded example: mlm (the default, what no arguments does: a BERT "
+        "teacher and a half-depth student) or clm (a Llama teacher distilled with JSD); honours "
+        "--output-dir (default: runs/demo, runs/demo-clm), --progress-bar, --tensorboard, "
+        "--resume and --print-config (the mlm demo's configurations, without running)",
     )
     parser.add_argument(
         "--write-teacher-cache",
@@ -170,20 +173,37 @@ def _print_config(cfg) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """The embedded demo; with --print-config only its two configurations (nothing runs)."""
+    """An embedded demo; with --print-config only its two configurations (nothing runs)."""
     from fastdistill.train.demo import demo_config_yaml, format_demo, run_demo
 
-    out = getattr(args, "output_dir", "runs/demo")
+    kind = args.demo or "mlm"
+    default_out = "runs/demo" if kind == "mlm" else "runs/demo-clm"
+    out = getattr(args, "output_dir", default_out)
     shown = dict(
         progress_bar=getattr(args, "progress_bar", True),
         tensorboard=getattr(args, "tensorboard", True),
     )
+    resume = getattr(args, "resume", False)
+    if kind == "clm":
+        from fastdistill.train.demo_clm import clm_demo_configs, run_clm_demo
+
+        if args.print_config:
+            for name, cfg in clm_demo_configs(out, **shown).items():
+                print(f"# {name} run\n---\n" + _yaml(cfg.resolved().to_dict()), end="")
+            return 0
+        print(format_demo(run_clm_demo(out, resume=resume, **shown), kind="clm"))
+        return 0
     if args.print_config:
         print(demo_config_yaml(out, **shown), end="")
         return 0
-    result = run_demo(out, resume=getattr(args, "resume", False), **shown)
-    print(format_demo(result))
+    print(format_demo(run_demo(out, resume=resume, **shown)))
     return 0
+
+
+def _yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 # ---- fastdistill report RUN_DIR -------------------------------------------------------------------

@@ -102,7 +102,8 @@ def tiny_config(
     dropout: float = 0.0,
     tokenizer=None,
 ):
-    """A small config of ``arch`` (bert, roberta, distilbert, gpt2), special ids from ``tokenizer``."""
+    """A small config of ``arch`` (bert, roberta, distilbert, gpt2, llama), special ids from
+    ``tokenizer``."""
     import transformers
 
     inter = intermediate or 4 * hidden
@@ -159,6 +160,18 @@ def tiny_config(
             resid_pdrop=dropout,
             embd_pdrop=dropout,
             attn_pdrop=dropout,
+            **special,
+        )
+    elif arch == "llama":
+        cfg = transformers.LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            intermediate_size=inter,
+            max_position_embeddings=max_positions,
+            attention_dropout=dropout,
             **special,
         )
     else:
@@ -347,19 +360,26 @@ def _beyond_defaults(cfg) -> dict[str, Any]:
     return {k: v for k, v in cfg.to_dict().items() if v != default.get(k)}
 
 
-def format_demo(result: dict[str, Any]) -> str:
+def format_demo(result: dict[str, Any], kind: str = "mlm") -> str:
+    """The demo's report: held-out agreement with the teacher before and after distillation
+    (``kind``: ``mlm``, the BERT demo, or ``clm``, the Llama one)."""
     b, a = result["before"], result["after"]
+    model, tokens, acc = (
+        ("a Llama", "next tokens", "next-token")
+        if kind == "clm"
+        else ("a BERT", "masked tokens", "MLM")
+    )
     lines = [
-        "fastdistill-train demo: a BERT teacher distilled into a student with half its layers",
+        f"fastdistill-train demo: {model} teacher distilled into a student with half its layers",
         f"  teacher {result['teacher_parameters'] / 1e6:.2f}M parameters, student "
         f"{result['student_parameters'] / 1e6:.2f}M",
-        "  on held-out text (masked tokens)        before     after",
+        f"  {'on held-out text (' + tokens + ')':<38}   before     after",
     ]
     for key, label in (
         ("kl_to_teacher", "KL(teacher || student)"),
         ("top1_agreement", "top-1 agreement with teacher"),
-        ("accuracy", "student MLM accuracy"),
-        ("teacher_accuracy", "teacher MLM accuracy"),
+        ("accuracy", f"student {acc} accuracy"),
+        ("teacher_accuracy", f"teacher {acc} accuracy"),
     ):
         if key in b and key in a:
             lines.append(f"  {label:<38} {b[key]:>8.4f}  {a[key]:>8.4f}")

@@ -78,8 +78,7 @@ def _ids(enc) -> list[int]:
 def render(record, tokenizer, train_on_prompt: bool) -> tuple[list[int], list[int]]:
     """(token ids, target flags) of one example (module doc)."""
     if isinstance(record, str):
-        body = tokenizer(record, add_special_tokens=False)["input_ids"]
-        ids = _wrap(tokenizer, body)
+        ids = _wrap(tokenizer, tokenizer(record, add_special_tokens=False)["input_ids"])
         return ids, [1] * len(ids)
     messages = record.get("messages")
     if messages is None:
@@ -129,6 +128,21 @@ def _render_chat(messages, tokenizer, train_on_prompt: bool) -> tuple[list[int],
     return ids, flags
 
 
+def examples_of(records, tokenizer, settings: LLMDataSettings):
+    """(ids, target flags) per example. A plain-text document longer than a row becomes several
+    (each wrapped again); a chat record stays whole (truncated later: a conversation cut in two
+    would lose its context)."""
+    body = max(1, settings.max_length - 2)
+    for record in records:
+        if not isinstance(record, str):
+            yield render(record, tokenizer, settings.train_on_prompt)
+            continue
+        ids = tokenizer(record, add_special_tokens=False)["input_ids"]
+        for start in range(0, max(len(ids), 1), body):
+            piece = _wrap(tokenizer, ids[start : start + body])
+            yield piece, [1] * len(piece)
+
+
 # ---- the token cache --------------------------------------------------------------------------------
 
 
@@ -172,8 +186,7 @@ def load_examples(
     def build_arrays():
         seqs, flags, stats = [], [], {"examples": 0, "truncated": 0, "no_target": 0}
         for path in files:
-            for record in read_records(path):
-                ids, t = render(record, tokenizer, settings.train_on_prompt)
+            for ids, t in examples_of(read_records(path), tokenizer, settings):
                 stats["examples"] += 1
                 if len(ids) > settings.max_length:
                     stats["truncated"] += 1
