@@ -14,6 +14,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/simd_math.h"
+#include "cpu/topk_kl.h"
 #include "cuda/kernels_cuda.h"
 
 namespace py = pybind11;
@@ -143,6 +144,35 @@ namespace launch = no_cuda_stubs;
 #else
 namespace launch = fastdistill::gpu;
 #endif
+
+// The sparse-target kernel of the variant in use (csrc/cpu/topk_kl.h), and its input errors as
+// ValueError messages that name the argument and the flat element.
+using TopkFn = void (*)(const TopkKLArgs&);
+TopkFn topk_kernel() {
+  const std::string name = variant().name;
+#if FD_HAVE_X86_VARIANTS
+  if (name == "avx512") return avx512::topk_kl;
+  if (name == "avx2") return avx2::topk_kl;
+#endif
+  return baseline::topk_kl;
+}
+
+void call_topk(const TopkKLArgs& a) {
+  try {
+    py::gil_scoped_release release;
+    topk_kernel()(a);
+  } catch (const KernelInputError& e) {
+    std::string msg = std::string("invalid ") + e.what;
+    if (e.index >= 0)
+      msg += ": element " + std::to_string(e.index) + " (flat index) has value " +
+             std::to_string(e.value) + "; ids must be distinct within a row and in [0, " +
+             std::to_string(a.cols) + "), labels in [0, " + std::to_string(a.cols) +
+             ") or ignore_index";
+    else
+      msg += " (code " + std::to_string(e.value) + ")";
+    throw py::value_error(msg);
+  }
+}
 
 }  // namespace
 
@@ -369,4 +399,44 @@ PYBIND11_MODULE(_C, m) {
         return ok;
       },
       py::arg("data"), py::arg("numel"), py::arg("dtype"), py::arg("num_threads"));
+
+  m.def(
+      "topk_kl",
+      [](std::uintptr_t student, int64_t student_row_stride, std::uintptr_t ids,
+         std::uintptr_t logprobs, std::uintptr_t tail, int64_t k, std::uintptr_t kd_mask,
+         std::uintptr_t labels, int64_t rows, int64_t cols, int dtype, int normalization,
+         float temperature, float capture_temperature, int64_t ignore_index, bool use_kd,
+         bool use_ce, std::uintptr_t scales, std::uintptr_t row_kd, std::uintptr_t row_ce,
+         std::uintptr_t grad, int num_threads) {
+        TopkKLArgs a;
+        a.student = ptr<void>(student);
+        a.student_row_stride = student_row_stride;
+        a.ids = ptr<int64_t>(ids);
+        a.logprobs = ptr<float>(logprobs);
+        a.tail = ptr<float>(tail);
+        a.k = k;
+        a.kd_mask = ptr<uint8_t>(kd_mask);
+        a.labels = ptr<int64_t>(labels);
+        a.rows = rows;
+        a.cols = cols;
+        a.dtype = dtype;
+        a.normalization = normalization;
+        a.temperature = temperature;
+        a.capture_temperature = capture_temperature;
+        a.ignore_index = ignore_index;
+        a.use_kd = use_kd;
+        a.use_ce = use_ce;
+        a.scales = ptr<float>(scales);
+        a.row_kd = mut_ptr<float>(row_kd);
+        a.row_ce = mut_ptr<float>(row_ce);
+        a.grad = mut_ptr<void>(grad);
+        a.num_threads = effective_threads(num_threads, rows * cols);
+        call_topk(a);
+      },
+      py::arg("student"), py::arg("student_row_stride"), py::arg("ids"), py::arg("logprobs"),
+      py::arg("tail"), py::arg("k"), py::arg("kd_mask"), py::arg("labels"), py::arg("rows"),
+      py::arg("cols"), py::arg("dtype"), py::arg("normalization"), py::arg("temperature"),
+      py::arg("capture_temperature"), py::arg("ignore_index"), py::arg("use_kd"),
+      py::arg("use_ce"), py::arg("scales"), py::arg("row_kd"), py::arg("row_ce"),
+      py::arg("grad"), py::arg("num_threads"));
 }

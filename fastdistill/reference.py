@@ -328,3 +328,159 @@ def all_finite(*tensors: Tensor) -> Tensor:
     """0-dim bool: no NaN or ±inf in any of the tensors."""
     checks = [torch.isfinite(t).all() for t in tensors]
     return torch.stack(checks).all()
+
+
+# ---- sparse (top-k) teacher targets ----------------------------------------------------------
+
+TOPK_NORMALIZATIONS = ("full", "renormalized", "tail")
+
+
+def _log1mexp_rows(z: Tensor, ids: Tensor, skip: Tensor) -> Tensor:
+    """log Σ_{j ∉ K} softmax(z)_j per row = logsumexp over the columns outside ``ids`` minus the
+    full logsumexp: never 1 − Σ_K q in finite precision. Rows in ``skip`` get a constant input
+    (their term is discarded; a logsumexp of nothing but -inf would make the backward NaN)."""
+    outside = torch.ones_like(z, dtype=torch.bool).scatter(-1, ids, False)
+    z_out = torch.where(outside, z, -math.inf)
+    z_out = torch.where(skip.unsqueeze(-1), 0.0, z_out)
+    return torch.logsumexp(z_out, -1) - torch.logsumexp(z, -1)
+
+
+def topk_kl_rows(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_tail: Tensor | None,
+    normalization: str,
+    temperature: float,
+    capture_temperature: float,
+) -> Tensor:
+    """Per-row forward KL(p ‖ q) over a teacher's stored top-k support K (no T² factor).
+
+    Shapes: logits ``(*lead, V)``; ids and log-probs ``(*lead, k)``; tail ``lead``. With z = s/T:
+
+    - teacher targets, ``full``/``renormalized``: p_i = softmax_K(ℓ_i · T_c / T) (re-tempered
+      from the capture temperature T_c to T, normalised over K);
+    - ``full``: log q_i = z_i − logsumexp_V(z); ``renormalized``: log q_i = z_i − logsumexp_K(z);
+    - ``tail`` (T = T_c): p_i = exp(ℓ_i) as stored, plus the bucket p_tail = exp(tail);
+      log q_i = z_i − logsumexp_V(z), log q_tail = logsumexp_{V∖K}(z) − logsumexp_V(z).
+
+    Value: Σ_K p_i (log p_i − log q_i) (+ p_tail (tail − log q_tail)); a bucket with p = 0
+    contributes 0 whatever q is. The teacher gets no gradient.
+    """
+    ids = teacher_ids.long()
+    lp = teacher_logprobs.detach().to(student_logits.dtype)
+    z = student_logits / temperature
+    zk = z.gather(-1, ids)
+    if normalization == "tail":
+        log_p = lp
+        log_q = zk - torch.logsumexp(z, -1, keepdim=True)
+    else:
+        a = lp * (capture_temperature / temperature)
+        log_p = a - torch.logsumexp(a, -1, keepdim=True)
+        norm_z = z if normalization == "full" else zk
+        log_q = zk - torch.logsumexp(norm_z, -1, keepdim=True)
+    p = log_p.exp()
+    zero = p == 0  # `p == 0`, not `p > 0`: NaN must stay NaN
+    row = torch.where(zero, 0.0, p * (_masked(log_p, zero) - _masked(log_q, zero))).sum(-1)
+    if normalization == "tail":
+        tail = teacher_tail.detach().to(student_logits.dtype)
+        p_t = tail.exp()
+        zt = p_t == 0
+        log_qt = _log1mexp_rows(z, ids, zt)
+        row = row + torch.where(zt, 0.0, p_t * (_masked(tail, zt) - _masked(log_qt, zt)))
+    return row
+
+
+def _topk_select(student_logits, teacher_ids, teacher_logprobs, teacher_tail, selected):
+    """Inputs with unselected rows replaced by harmless values (ids 0, zeros) so that garbage in
+    padding rows reaches neither the loss nor the gradient."""
+    if selected is None:
+        return student_logits, teacher_ids.long(), teacher_logprobs, teacher_tail
+    sel = selected.unsqueeze(-1)
+    ids = torch.where(sel, teacher_ids.long(), 0)
+    lp = torch.where(sel, teacher_logprobs, 0.0)
+    tail = None if teacher_tail is None else torch.where(selected, teacher_tail, 0.0)
+    return select_rows(student_logits, selected), ids, lp, tail
+
+
+def topk_kl_loss(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    teacher_tail: Tensor | None = None,
+    normalization: str = "full",
+    temperature: float = 1.0,
+    capture_temperature: float = 1.0,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    normalizer: float | Tensor | None = None,
+    t2_scale: bool = False,
+) -> Tensor:
+    """``topk_kl_rows`` per token selected by ``mask`` and/or ``labels != ignore_index`` (times T²
+    with ``t2_scale``), reduced: ``batchmean`` (/ #selected or / ``normalizer``), ``sum``,
+    ``none``."""
+    selected = token_selection(mask, labels, ignore_index)
+    s, ids, lp, tail = _topk_select(
+        student_logits, teacher_ids, teacher_logprobs, teacher_tail, selected
+    )
+    row = topk_kl_rows(s, ids, lp, tail, normalization, temperature, capture_temperature)
+    if t2_scale:
+        row = row * (temperature * temperature)
+    if normalizer is not None and reduction == "batchmean":
+        total = reduce_rows(row, selected, "sum", 1)
+        return total / (
+            normalizer.to(total.dtype) if isinstance(normalizer, Tensor) else normalizer
+        )
+    return reduce_rows(row, selected, reduction, 1)
+
+
+def topk_distillation_loss(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    teacher_tail: Tensor | None = None,
+    labels: Tensor | None = None,
+    mask: Tensor | None = None,
+    normalization: str = "full",
+    temperature: float = 1.0,
+    capture_temperature: float = 1.0,
+    t2_scale: bool = False,
+    alpha_kd: float = 1.0,
+    alpha_ce: float = 0.0,
+    ignore_index: int = -100,
+    normalizer: float | Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """alpha_kd · kd + alpha_ce · ce and the two (detached) components: kd = ``topk_kl_loss``
+    batchmean over the rows ``mask`` selects (or / ``normalizer``), ce = ``cross_entropy`` (at
+    temperature 1) mean over ``labels != ignore_index``, also / ``normalizer`` when given. A term
+    whose alpha is 0 is not computed and reads 0."""
+    zero = torch.zeros(
+        (),
+        dtype=torch.promote_types(student_logits.dtype, torch.float32),
+        device=student_logits.device,
+    )
+    kd = ce = total = zero
+    if alpha_kd > 0:
+        kd = topk_kl_loss(
+            student_logits, teacher_ids, teacher_logprobs, teacher_tail=teacher_tail,
+            normalization=normalization, temperature=temperature,
+            capture_temperature=capture_temperature, mask=mask, normalizer=normalizer,
+            t2_scale=t2_scale,
+        )  # fmt: skip
+        total = total + alpha_kd * kd
+    if alpha_ce > 0:
+        if labels is None:
+            raise ValueError("alpha_ce > 0 needs labels")
+        row, valid = cross_entropy_rows(student_logits, labels, ignore_index)
+        if normalizer is not None:
+            ce = reduce_rows(row, valid, "sum", 1) / (
+                normalizer.to(row.dtype) if isinstance(normalizer, Tensor) else normalizer
+            )
+        else:
+            ce = reduce_rows(row, valid, "batchmean", 1)
+        total = total + alpha_ce * ce
+    return total, kd.detach(), ce.detach()

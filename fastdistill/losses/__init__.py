@@ -2,7 +2,8 @@
 
 Functional: kl_div_loss, reverse_kl_loss, jsd_loss, tvd_loss, mse_loss, cosine_loss,
 cross_entropy, distillation_loss, all_finite;
-linear_distillation_loss (hidden states and output heads in, no logits).
+linear_distillation_loss (hidden states and output heads in, no logits);
+topk_kl_loss, topk_distillation_loss (a sparse top-k teacher, e.g. from a teacher cache).
 Modules: KLDivLoss, MSELoss, CosineLoss, CrossEntropyLoss, DistillationLoss.
 Backend: FASTDISTILL_BACKEND = auto | torch | native | triton (see fastdistill.backend).
 """
@@ -26,6 +27,7 @@ from fastdistill.losses.modules import (
     KLDivLoss,
     MSELoss,
 )
+from fastdistill.losses.topk import topk_distillation_loss, topk_kl_loss
 
 __all__ = [
     "all_finite",
@@ -37,6 +39,8 @@ __all__ = [
     "linear_distillation_loss",
     "mse_loss",
     "reverse_kl_loss",
+    "topk_distillation_loss",
+    "topk_kl_loss",
     "tvd_loss",
     "CosineLoss",
     "CrossEntropyLoss",

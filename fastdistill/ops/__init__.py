@@ -15,5 +15,6 @@ from fastdistill.ops import (  # noqa: F401
     linear_distillation,
     mse,
     reverse_kl,
+    topk_kl,
     tvd,
 )
