@@ -127,3 +127,77 @@ def test_a_damaged_shard_is_named(gpt2, tmp_path):
 def test_only_tasks_with_fixed_teacher_inputs_can_be_cached(gpt2, tmp_path):
     with pytest.raises(ValueError, match="--task mlm cannot"):
         TC.write(_cfg(gpt2, task="mlm"), tmp_path / "tc")
+
+
+def _student_config(gpt2, root):
+    path = root / "student-config"
+    if not path.exists():
+        config = transformers.AutoConfig.from_pretrained(gpt2["teacher"])
+        config.n_layer = 1
+        config.save_pretrained(path)
+    return str(path)
+
+
+def test_training_from_the_cache_runs_without_the_teacher(gpt2, tmp_path, monkeypatch):
+    TC.write(_cfg(gpt2), tmp_path / "tc")
+    from fastdistill.train import loading, train
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher must not be loaded")
+
+    monkeypatch.setattr(loading, "teacher_for", no_teacher)
+    for mode in ("full", "renormalized", "tail"):
+        cfg = _cfg(
+            gpt2,
+            teacher=None,
+            tokenizer=gpt2["teacher"],
+            teacher_cache=str(tmp_path / "tc"),
+            student_config=_student_config(gpt2, gpt2["root"]),
+            topk_normalization=mode,
+            temperature=1.0,
+            output_dir=str(tmp_path / f"run-{mode}"),
+            max_steps=4,
+            log_interval=2,
+            save_interval=2,
+            tensorboard=False,
+        )
+        summary = train(cfg)
+        assert summary["steps"] == 4 and summary["skipped_steps"] == 0
+    with pytest.raises(ValueError, match="k: cache 8, run 16"):
+        other = {"teacher_top_k": 16, "output_dir": str(tmp_path / "k16")}
+        train(TrainConfig.from_dict(cfg.to_dict() | other))
+
+
+def test_a_full_cache_trains_like_the_live_teacher(gpt2, tmp_path):
+    """k = V in "full" mode is the dense KL (up to the float16 storage of the log-probs)."""
+    from fastdistill.train import train
+
+    vocab = transformers.AutoConfig.from_pretrained(gpt2["teacher"]).vocab_size
+    TC.write(_cfg(gpt2, teacher_top_k=vocab), tmp_path / "tc")
+    common = dict(
+        student_config=_student_config(gpt2, gpt2["root"]),
+        max_steps=2,
+        log_interval=2,
+        save_interval=2,
+        tensorboard=False,
+        alpha_cos=0.0,
+    )
+    live = train(_cfg(gpt2, output_dir=str(tmp_path / "live"), **common))
+    cached = train(
+        _cfg(
+            gpt2,
+            teacher=None,
+            tokenizer=gpt2["teacher"],
+            teacher_cache=str(tmp_path / "tc"),
+            teacher_top_k=vocab,
+            output_dir=str(tmp_path / "cached"),
+            **common,
+        )
+    )
+    assert live["steps"] == cached["steps"] == 2
+
+    def first_kl(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return next(json.loads(x)["kl"] for x in lines if json.loads(x)["kind"] == "train")
+
+    assert abs(first_kl("cached") - first_kl("live")) <= 2e-3 * abs(first_kl("live"))

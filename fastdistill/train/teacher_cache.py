@@ -252,8 +252,10 @@ class TeacherCache:
     def batch(self, indices, offsets: np.ndarray, width: int):
         """Padded ``(B, width, k)`` ids (int64) and log-probs (float32), ``(B, width)`` tail."""
         n = len(indices)
-        ids = np.zeros((n, width, self.k), dtype=np.int64)
-        logp = np.full((n, width, self.k), -math.inf, dtype=np.float32)
+        # Padding positions (masked out of the loss) still hold valid targets: distinct ids and a
+        # uniform distribution, so the loss's checks of ids and mass pass on every row.
+        ids = np.broadcast_to(np.arange(self.k, dtype=np.int64), (n, width, self.k)).copy()
+        logp = np.full((n, width, self.k), -math.log(self.k), dtype=np.float32)
         tail = np.full((n, width), -math.inf, dtype=np.float32)
         for row, i in enumerate(indices):
             r_ids, r_logp, r_tail = self.rows(int(i), offsets)
