@@ -105,7 +105,10 @@ def _cfg(inputs, teacher, out, **kw):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_each_family_distils_a_student_initialised_from_its_layers(inputs, tmp_path, family):
     teacher = _save_teacher(inputs, family)
-    cfg = _cfg(inputs, teacher, tmp_path / "run", divergence="jsd", beta=0.3, alpha_ce=0.5)
+    packing = family in ("llama", "gemma")  # the packed path through the trainer too
+    cfg = _cfg(
+        inputs, teacher, tmp_path / "run", divergence="jsd", beta=0.3, alpha_ce=0.5, packing=packing
+    )
     summary = train(cfg)
     assert summary["steps"] == 4 and summary["skipped_steps"] == 0
     assert summary["student_parameters"] < summary["teacher_parameters"]

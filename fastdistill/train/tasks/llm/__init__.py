@@ -41,7 +41,11 @@ class LLMOptions(TaskOptions):
         False, "also take the losses on prompt / user tokens (default: completions only)"
     )
     packing: bool = option(
-        True, "pack several sequences per row (block-diagonal attention, positions restart)"
+        False,
+        "pack several sequences per row (block-diagonal attention, positions restart). Off by "
+        "default: rows are already grouped by length, and the block-diagonal mask takes "
+        "transformers' masked attention path, which ran at 0.66x the tokens/s of padded rows "
+        "(bench/llm_packing.py, bench/RESULTS.md)",
     )
     teacher_dtype: str = option(
         "bfloat16", "dtype the teacher runs in (inference only)", choices=TEACHER_DTYPES

@@ -15,7 +15,7 @@ token t + 1 when that token is a target (the last position predicts nothing). As
 found by rendering the conversation up to each assistant turn (with the generation prompt) and up
 to its end; a template whose renderings are not prefixes of each other is refused.
 
-Packing (on by default) puts several sequences in one row of at most ``max_length`` tokens (first
+Packing (``--packing``) puts several sequences in one row of at most ``max_length`` tokens (first
 fit, longest first, deterministic): positions restart at 0 for each sequence and the attention
 mask is block-diagonal and causal, so no token sees another sequence (``position_ids`` alone do
 not isolate sequences in transformers' attention: the mask does). No position predicts across a
