@@ -32,7 +32,13 @@ from .shapes import ALPHAS, TEMPERATURE
 
 LossFn = Callable[..., Tensor | tuple[Tensor, ...]]
 
-OPS = ("kl_div", "kl_div_masked", "mse", "cross_entropy", "cosine", "distillation")
+OPS = (
+    "kl_div", "kl_div_masked", "mse", "cross_entropy", "cosine", "distillation",
+    "reverse_kl", "jsd", "tvd",
+)  # fmt: skip
+# The LLM divergences: no T² (TRL's convention), batchmean over all rows, JSD at this beta.
+DIVERGENCE_OPS = ("reverse_kl", "jsd", "tvd")
+JSD_BETA = 0.5
 
 
 # ---- the seed's eager formulas ---------------------------------------------------------------
@@ -96,6 +102,34 @@ def eager_distillation(
     return total, kl.detach(), ce.detach(), mse.detach()
 
 
+# The LLM divergences as TRL's GKD trainer writes them (generalized_jsd_loss: log_softmax of both
+# sides at T, F.kl_div with log_target, the mixture by logsumexp of a stacked pair), reduced by
+# batchmean over all rows; TVD as the usual half L1 distance of the two softmaxes.
+
+
+def eager_reverse_kl(s, t, labels=None, mask=None, temperature: float = TEMPERATURE):
+    log_ps = F.log_softmax(s / temperature, dim=-1)
+    log_pt = F.log_softmax(t / temperature, dim=-1)
+    kl = F.kl_div(log_pt, log_ps, reduction="none", log_target=True)  # KL(student ‖ teacher)
+    return kl.sum() / s.size(0)
+
+
+def eager_jsd(s, t, labels=None, mask=None, temperature: float = TEMPERATURE, beta=JSD_BETA):
+    log_ps = F.log_softmax(s / temperature, dim=-1)
+    log_pt = F.log_softmax(t / temperature, dim=-1)
+    b = torch.tensor(beta, dtype=log_ps.dtype, device=log_ps.device)
+    log_m = torch.logsumexp(torch.stack([log_ps + torch.log1p(-b), log_pt + torch.log(b)]), dim=0)
+    kl_t = F.kl_div(log_m, log_pt, reduction="none", log_target=True)
+    kl_s = F.kl_div(log_m, log_ps, reduction="none", log_target=True)
+    return (b * kl_t + (1 - b) * kl_s).sum() / s.size(0)
+
+
+def eager_tvd(s, t, labels=None, mask=None, temperature: float = TEMPERATURE):
+    ps = F.softmax(s / temperature, dim=-1)
+    pt = F.softmax(t / temperature, dim=-1)
+    return 0.5 * (ps - pt).abs().sum() / s.size(0)
+
+
 def eager_all_finite(
     s: Tensor, t: Tensor, labels: Tensor | None = None, mask: Tensor | None = None
 ) -> Tensor:
@@ -112,6 +146,9 @@ EAGER: dict[str, LossFn] = {
     "cosine": eager_cosine,
     "distillation": eager_distillation,
     "all_finite": eager_all_finite,
+    "reverse_kl": eager_reverse_kl,
+    "jsd": eager_jsd,
+    "tvd": eager_tvd,
 }
 
 
@@ -142,6 +179,18 @@ def fd_all_finite(s, t, labels=None, mask=None):
     return fdl.all_finite(s, t)
 
 
+def fd_reverse_kl(s, t, labels=None, mask=None, temperature: float = TEMPERATURE):
+    return fdl.reverse_kl_loss(s, t, temperature=temperature)
+
+
+def fd_jsd(s, t, labels=None, mask=None, temperature: float = TEMPERATURE):
+    return fdl.jsd_loss(s, t, beta=JSD_BETA, temperature=temperature)
+
+
+def fd_tvd(s, t, labels=None, mask=None, temperature: float = TEMPERATURE):
+    return fdl.tvd_loss(s, t, temperature=temperature)
+
+
 FASTDISTILL: dict[str, LossFn] = {
     "kl_div": fd_kl_div,
     "kl_div_masked": fd_kl_div,
@@ -150,6 +199,9 @@ FASTDISTILL: dict[str, LossFn] = {
     "cosine": fd_cosine,
     "distillation": fd_distillation,
     "all_finite": fd_all_finite,
+    "reverse_kl": fd_reverse_kl,
+    "jsd": fd_jsd,
+    "tvd": fd_tvd,
 }
 
 

@@ -28,6 +28,7 @@ import torch
 from fastdistill import reference
 
 from . import baselines
+from .baselines import DIVERGENCE_OPS, JSD_BETA
 from .memory import peak_extra_memory
 from .shapes import ALPHAS, TEMPERATURE, Shape
 
@@ -140,6 +141,9 @@ def reference_rows(
                 out.setdefault("cos", []).append(reference.cosine_rows(s, t))
                 continue
             out.setdefault("kl", []).append(reference.kl_div_rows(s, t, TEMPERATURE))
+            for name in DIVERGENCE_OPS:
+                row = reference.divergence_rows(s, t, name, temperature=TEMPERATURE, beta=JSD_BETA)
+                out.setdefault(name, []).append(row)
             out.setdefault("mse", []).append(reference.mse_rows(s, t))
             ce, valid = reference.cross_entropy_rows(s, inp.labels[i : i + step], IGNORE_INDEX)
             out.setdefault("ce", []).append(torch.where(valid, ce, 0.0))
@@ -155,6 +159,8 @@ def _row_terms(op: str, s, t, labels, mask, n_rows: int, n_valid: int, n_sel: in
         return torch.where(mask, reference.kl_div_rows(s, t, TEMPERATURE), 0.0) / n_sel
     if op == "mse":
         return reference.mse_rows(s, t) / n_rows
+    if op in DIVERGENCE_OPS:
+        return reference.divergence_rows(s, t, op, temperature=TEMPERATURE, beta=JSD_BETA) / n_rows
     if op == "cosine":
         return reference.cosine_rows(s, t) / n_rows
     ce, valid = reference.cross_entropy_rows(s, labels, IGNORE_INDEX)
@@ -179,6 +185,8 @@ def expected_loss(op: str, ref: dict[str, torch.Tensor], inp: Inputs) -> float:
         return float(ref["kl"][inp.mask].sum() / inp.mask.sum())
     if op == "mse":
         return float(ref["mse"].sum() / n)
+    if op in DIVERGENCE_OPS:
+        return float(ref[op].sum() / n)
     if op == "cross_entropy":
         return float(ref["ce"].sum() / n_valid)
     if op == "cosine":
@@ -256,6 +264,7 @@ def min_bytes(op: str, shape: Shape, dtype: torch.dtype, backward: bool) -> int:
         "cross_entropy": unit + 8 * rows,  # + int64 labels
         "distillation": 2 * unit + 8 * rows,
         "all_finite": 2 * unit,
+        **dict.fromkeys(DIVERGENCE_OPS, 2 * unit),
     }[op]
     return reads + (unit if backward else 0)
 

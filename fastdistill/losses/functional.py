@@ -230,8 +230,18 @@ def distillation_loss(
         )
         kl, ce, mse = components.unbind()
         return total, kl, ce, mse
-    # Different vocabularies: the divergence over the common columns and the CE over the
-    # student's own, one pass each (the CE pass reads the student only).
+    return _distillation_two_vocabularies(
+        full_student, s, t, labels, mask, temperature, alpha_kl, alpha_ce, ignore_index, options
+    )
+
+
+def _distillation_two_vocabularies(
+    full_student, s, t, labels, mask, temperature, alpha_kl, alpha_ce, ignore_index, options
+):
+    """distillation_loss when the student has columns the teacher lacks: the divergence over the
+    common columns (``s``, ``t``) and the CE over the student's own, one pass each (the CE pass
+    reads the student only)."""
+    op = ops.distillation_divergence.distillation_divergence
     zero = torch.zeros((), dtype=torch.float32, device=s.device)
     total, kl, ce = zero, zero, zero
     if alpha_kl > 0:
