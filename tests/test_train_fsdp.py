@@ -67,6 +67,7 @@ def _common(root, **kw):
         divergence="reverse_kl",
         alpha_ce=0.5,
         parallel="fsdp",
+        fused_linear=False,  # FSDP2 shards the heads the fused linear loss reads
         progress_bar=False,
         tensorboard=False,
         device="cpu",

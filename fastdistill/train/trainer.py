@@ -284,15 +284,8 @@ class Trainer:
             self.pbar.update(1)
 
     def _forward(self, batch, w) -> tuple[torch.Tensor, torch.Tensor]:
-        states = self.task.wants_hidden_states(self.teacher) or None
         with self.autocast:
-            t_out = None
-            if self.teacher is not None:
-                with torch.inference_mode():
-                    t_out = self.teacher(
-                        **batch.model_inputs(self.teacher), output_hidden_states=states
-                    )
-            s_out = self.model(**batch.model_inputs(self.student), output_hidden_states=states)
+            s_out, t_out = self.task.forward(self.model, self.teacher, batch)
             return self.task.loss(s_out, t_out, batch, w)
 
     def _apply_gradients(self, step_loss) -> tuple[torch.Tensor, torch.Tensor]:

@@ -201,6 +201,18 @@ class Task:
         """Whether the forward passes must return hidden states (``output_hidden_states``)."""
         return False
 
+    def forward(self, model, teacher, batch):
+        """``(student output, teacher output or None)`` of one micro-batch. ``model`` is the
+        module the student trains through (its DDP wrapper, or itself); the teacher runs under
+        inference mode."""
+        states = self.wants_hidden_states(teacher) or None
+        t_out = None
+        if teacher is not None:
+            with torch.inference_mode():
+                t_out = teacher(**batch.model_inputs(teacher), output_hidden_states=states)
+        s_out = model(**batch.model_inputs(model), output_hidden_states=states)
+        return s_out, t_out
+
     def loss(self, s_out, t_out, batch, w: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(total, terms)`` of one micro-batch: ``total`` to backpropagate, ``terms`` the
         :data:`LOSS_TERMS` as shares of the step's means, detached, float32 (module doc)."""

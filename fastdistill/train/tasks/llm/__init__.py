@@ -54,6 +54,12 @@ class LLMOptions(TaskOptions):
         False, "recompute the student's activations in the backward pass (less memory)"
     )
     compile_models: bool = option(False, "torch.compile the student's and the teacher's forward")
+    fused_linear: bool = option(
+        True,
+        "take the losses from the final hidden states and the output heads, chunk by chunk, "
+        "never materialising the (tokens, vocabulary) logits (--no-fused-linear: the models' "
+        "logits)",
+    )
     vocab: str = option(
         "same",
         "same: teacher and student vocabularies must match; common: the divergence over the "
@@ -77,6 +83,7 @@ class LLMTask(Task):
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
         self.pad_id = 0
+        self.student = self.teacher = None  # unwrapped: the fused linear loss reads their heads
 
     @classmethod
     def fill_defaults(cls, cfg) -> None:
@@ -99,6 +106,14 @@ class LLMTask(Task):
             )
         if cfg.loss_impl == "eager":
             raise ValueError("loss_impl eager is the DistilBERT formulas; --task llm is fused only")
+        o = cfg.options
+        if o.fused_linear and cfg.parallel == "fsdp":
+            raise ValueError(
+                "fused_linear reads the output heads' weights outside the models' forward, which "
+                "FSDP2 shards: pass --no-fused-linear with --parallel fsdp"
+            )
+        if o.fused_linear and o.vocab == "common":
+            raise ValueError("fused_linear needs one vocabulary: pass --no-fused-linear")
 
     @classmethod
     def has_training_signal(cls, cfg) -> bool:
@@ -117,6 +132,7 @@ class LLMTask(Task):
         teacher.requires_grad_(False)
         if self.opts.compile_models:
             teacher.compile()
+        self.teacher = teacher
         return teacher
 
     def build_student(self, teacher, resume_dir=None):
@@ -125,6 +141,7 @@ class LLMTask(Task):
             student.gradient_checkpointing_enable()
         if self.opts.compile_models:
             student.compile()
+        self.student = student
         return student
 
     def check_models(self, tokenizer, student, teacher) -> None:
@@ -165,7 +182,20 @@ class LLMTask(Task):
 
     # ---- the step --------------------------------------------------------------------------------------
 
+    def forward(self, model, teacher, batch):
+        if not self.opts.fused_linear:
+            return super().forward(model, teacher, batch)
+        # The final (normed) hidden states; logits only for the last position, which is unused.
+        kw = dict(output_hidden_states=True, logits_to_keep=1)
+        t_out = None
+        if teacher is not None:
+            with torch.inference_mode():
+                t_out = teacher(**batch.model_inputs(teacher), **kw)
+        return model(**batch.model_inputs(model), **kw), t_out
+
     def loss(self, s_out, t_out, batch, w):
+        if self.opts.fused_linear:
+            return self._linear_loss(s_out, t_out, batch, w)
         cfg, o, world = self.cfg, self.opts, w["world"]
         s_logits = s_out.logits
         teacher = t_out is not None
@@ -185,6 +215,39 @@ class LLMTask(Task):
         )
         if total is None:  # no target in this micro-batch: still a graph for DDP
             total = s_logits.sum() * 0.0
+        zero = kd.new_zeros(())
+        return total, torch.stack([kd * w["kl"], ce * w["ce"], zero, zero]).float()
+
+    def _linear_loss(self, s_out, t_out, batch, w):
+        """The same losses from hidden states and heads (fastdistill.losses.linear_distillation_loss);
+        a final-logit softcap or logit scale of the model config is applied there."""
+        cfg, o, world = self.cfg, self.opts, w["world"]
+        head = self.student.get_output_embeddings()
+        h = s_out.hidden_states[-1]
+        teacher = {}
+        if t_out is not None:
+            t_head = self.teacher.get_output_embeddings()
+            teacher = dict(
+                teacher_hidden=t_out.hidden_states[-1],
+                teacher_weight=t_head.weight,
+                teacher_bias=t_head.bias,
+            )
+        config = self.student.config
+        total, kd, ce = FL.linear_distillation_loss(
+            h.to(head.weight.dtype),  # autocast may hand bf16 states to an fp32 head
+            head.weight,
+            student_bias=head.bias,
+            labels=batch.labels,
+            divergence=o.divergence,
+            beta=o.beta,
+            temperature=cfg.temperature,
+            t2_scale=False,
+            alpha_kd=cfg.alpha_kl * w["kl"] * world if t_out is not None else 0.0,
+            alpha_ce=o.alpha_ce * w["ce"] * world,
+            softcap=getattr(config, "final_logit_softcapping", None),
+            logit_scale=getattr(config, "logit_scale", None),
+            **teacher,
+        )
         zero = kd.new_zeros(())
         return total, torch.stack([kd * w["kl"], ce * w["ce"], zero, zero]).float()
 
