@@ -514,3 +514,74 @@ def test_compile_fullgraph_matches_eager(gpu_backend, crng, dtype):
     if dtype == FP32:
         err = norm(grad.double() - eager_grad.double())
         assert err <= 1e-6 * norm(eager_grad), f"{what}: gradient differs from eager by {err:.3e}"
+
+
+# ---- LLM divergences (reverse_kl, jsd, tvd): the Triton kernel's divergence modes --------------
+# The CUDA kernel has no divergence modes: on CUDA tensors `auto` runs these with Triton, and the
+# tests below run the triton backend only.
+
+
+@pytest.fixture
+def triton_backend(monkeypatch) -> str:
+    if backend.triton_interpreting():
+        _unavailable("TRITON_INTERPRET is on: run with TRITON_INTERPRET=0 (see the module doc)")
+    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    _require("jsd")
+    return "triton"
+
+
+DIVERGENCE_CASES = [
+    ("reverse_kl", {}, 4096, 32_000, BF16),
+    ("jsd", {"beta": 0.5}, 4096, 32_000, BF16),
+    ("jsd", {"beta": 0.1, "softcap": 30.0}, 1024, 128_256, BF16),
+    ("tvd", {}, 1271, 50_257, FP32),
+]
+
+
+@pytest.mark.parametrize(
+    "name,extra,rows,V,dtype",
+    DIVERGENCE_CASES,
+    ids=[f"{n}-{r}x{v}-{_name(d)}" for n, _, r, v, d in DIVERGENCE_CASES],
+)
+def test_divergence_matches_oracle(triton_backend, crng, name, extra, rows, V, dtype):
+    from fastdistill import losses
+
+    fn = {"reverse_kl": losses.reverse_kl_loss, "jsd": losses.jsd_loss, "tvd": losses.tvd_loss}
+    s = crng.logits(rows, V, dtype=dtype)
+    t = crng.logits(rows, V, dtype=dtype)
+    labels = crng.cuda_labels(rows, V)
+    n = torch.tensor(float(rows), device="cuda")
+    kw = dict(extra, temperature=2.0, labels=labels, normalizer=n)
+    check_gpu(
+        lambda x: fn[name](x, t, **kw),
+        lambda x64: reference.divergence_loss(x64, t.double(), name, **kw),
+        s,
+        _g(),
+        what=f"{name} {extra} {rows}x{V} {_name(dtype)} {crng.tag}",
+    )
+
+
+def test_divergences_auto_is_triton_without_host_sync(crng):
+    """`auto` on CUDA runs the divergences with Triton (the CUDA kernel has none), and a device
+    normalizer is never read on the host."""
+    from fastdistill import losses
+
+    if backend.triton_interpreting():
+        _unavailable("TRITON_INTERPRET is on: run with TRITON_INTERPRET=0 (see the module doc)")
+    assert backend.select_backend("jsd", torch.device("cuda")) == "triton"
+    s = crng.logits(512, 32_000, dtype=BF16)
+    t = crng.logits(512, 32_000, dtype=BF16)
+    n = torch.tensor(300.0, device="cuda")
+
+    def call():
+        leaf = s.detach().requires_grad_(True)
+        losses.jsd_loss(leaf, t, beta=0.3, normalizer=n).backward(_g())
+        losses.reverse_kl_loss(leaf, t, normalizer=n).backward(_g())
+
+    call()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
