@@ -73,8 +73,8 @@ def _temps(normalization, temperature):
 def test_oracle(impl, rng, dtype, normalization, temperature, shape):
     if dtype == torch.float16 and not fp16_impl(impl):
         pytest.skip("fp16 runs on the default CPU variant and the other backends")
-    if impl == "triton" and (shape[-2] > 300 and temperature != 1.0):
-        pytest.skip("one temperature at V = 1271 under the Triton interpreter (slow)")
+    if impl == "triton" and shape[0] == 41 and temperature != 1.0:
+        pytest.skip("one temperature for 41 rows under the Triton interpreter (slow)")
     *lead, v, k = shape
     tc = _temps(normalization, temperature)
     ids, lp, tail, _ = teacher(rng, lead, v, k, capture_temperature=tc, lp_dtype=dtype)
@@ -203,7 +203,7 @@ def test_nan_in_a_selected_row_is_not_hidden(impl, rng):
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
 def test_distillation_oracle(impl, rng, normalization, dtype):
-    lead, v, k = (3, 9), 211, 13
+    lead, v, k = ((2, 4) if impl == "triton" else (3, 9)), 211, 13
     temperature = 2.0
     tc = temperature if normalization == "tail" else 1.0
     ids, lp, tail, _ = teacher(rng, lead, v, k, capture_temperature=tc)

@@ -18,4 +18,5 @@ KERNEL_MODULES = {
     "tvd": "fused_logits",
     "cosine": "cosine",
     "all_finite": "all_finite",
+    "topk_kl": "topk_kl",
 }

@@ -26,7 +26,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastdistill.triton import all_finite, cosine, fused_logits  # noqa: E402
+from fastdistill.triton import all_finite, cosine, fused_logits, topk_kl  # noqa: E402
 from fastdistill.triton._common import num_warps_for, tile_shape  # noqa: E402
 
 _DT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -107,6 +107,32 @@ def _all_finite_cases():
         yield f"all_finite[{dtype}]", all_finite.all_finite_kernel, sig, const, 4
 
 
+def _topk_kl_cases():
+    """The sparse-target kernel: each normalisation with the CE, bf16 and fp32, k = 64 (a teacher
+    cache's), one tile (V = 1024) and the tiled loop (V = 32000)."""
+    for dtype in ("float32", "bfloat16"):
+        d = _DT[dtype]
+        sig = {
+            "student_ptr": f"*{d}", "student_row_stride": "i64", "ids_ptr": "*i64",
+            "lp_ptr": "*fp32", "tail_ptr": "*fp32", "mask_ptr": "*u8", "labels_ptr": "*i64",
+            "scales_ptr": "*fp32", "row_kd_ptr": "*fp32", "row_ce_ptr": "*fp32",
+            "grad_ptr": f"*{d}", "n_cols": "i32", "k": "i32", "inv_t": "fp32",
+            "lp_scale": "fp32", "ignore_index": "i64",
+        }  # fmt: skip
+        for norm, name in enumerate(("full", "renormalized", "tail")):
+            for vocab in (1024, 32000):
+                block = min(triton.next_power_of_2(vocab), topk_kl.MAX_BLOCK)
+                const = dict(
+                    NORM=norm, USE_KD=True, USE_CE=True, HAS_MASK=True, WRITE_GRAD=True,
+                    BLOCK=block, KB=64, LOG_K=7,
+                )  # fmt: skip
+                case_sig = dict(sig, **{key: "constexpr" for key in const})
+                yield (
+                    f"topk_kl[{name}, {dtype}, V={vocab}]", topk_kl.topk_kl_kernel, case_sig,
+                    const, num_warps_for(block),
+                )  # fmt: skip
+
+
 def _ptxas_candidates(arch: int) -> list[str]:
     """The ptxas Triton itself uses for ``arch`` (it bundles two; which PTX versions each accepts
     differs), then the bundled binaries by name."""
@@ -162,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", default="80,90", help="compute capabilities, e.g. 80,90")
     args = parser.parse_args(argv)
     archs = [int(a) for a in args.archs.replace(";", ",").split(",") if a]
-    cases = [*_fused_logits_cases(), *_cosine_cases(), *_all_finite_cases()]
+    cases = [*_fused_logits_cases(), *_cosine_cases(), *_all_finite_cases(), *_topk_kl_cases()]
     failures = []
     print(f"triton {triton.__version__}: {len(cases)} kernels x sm_{archs}")
     for arch in archs:
