@@ -1,4 +1,4 @@
-// The divergences of the generic logits row loop (process_row_div in fused_logits.cpp), one small
+// The divergences of the logits row loop (divergence_passes in fused_logits.cpp), one small
 // function each: what a column contributes to the loss and to the gradient. fused_logits.cpp
 // includes this header after the series helpers it uses (exp_minus_1_minus_x_small, expm1_small,
 // is_small).
@@ -7,7 +7,7 @@
 // d = log p_t - log p_s, formed from exact logit differences so that it is exact 0 when the
 // student equals the teacher and accurate when they are close. It returns the column's loss term
 // and q = dL/dp_s (up to a constant, which the softmax cancels; 0 where p_s = 0): the gradient with
-// respect to the student's logits z = s'/T is p_s,j (q_j - sum_k p_s,k q_k) (see process_row_div).
+// respect to the student's logits z = s'/T is p_s,j (q_j - sum_k p_s,k q_k) (see divergence_passes).
 // Forward KL returns that gradient itself in q instead (p_s - p_t: no row sum needed). A zero
 // probability contributes nothing whatever the other side holds (0 log 0 = 0), so -inf logits
 // are ordinary. NaN stays NaN.

@@ -1,6 +1,8 @@
 // CPU kernel for the logits losses: KL at temperature T (x T^2), hard cross-entropy and logit MSE,
 // any subset of them in one pass over each (student, teacher) row pair. kl_div_loss, cross_entropy,
-// mse_loss and distillation_loss are all this kernel with different terms switched on.
+// mse_loss and distillation_loss are all this kernel with different terms switched on; the LLM
+// divergences (reverse KL, JSD, TVD) and the logit transforms replace its KL term (see
+// divergence_passes and process_row_div below).
 //
 // Per row: pass 2 accumulates the softmax normalisers (exponentials shifted by the maxima of the
 // row's first block, see process_row) and the KL/MSE sums and keeps the exponentials in an fp32
