@@ -16,6 +16,7 @@
 #include "cpu/simd_math.h"
 #include "cpu/topk_kl.h"
 #include "cuda/kernels_cuda.h"
+#include "cuda/topk_kl_cuda.h"
 
 namespace py = pybind11;
 using namespace fastdistill;
@@ -173,6 +174,12 @@ void call_topk(const TopkKLArgs& a) {
     throw py::value_error(msg);
   }
 }
+
+#if !FD_BUILT_CUDA
+namespace no_cuda_stubs {
+gpu::Status topk_kl(const gpu::TopkKLArgs&) { no_cuda(); }
+}  // namespace no_cuda_stubs
+#endif
 
 }  // namespace
 
@@ -439,4 +446,44 @@ PYBIND11_MODULE(_C, m) {
       py::arg("capture_temperature"), py::arg("ignore_index"), py::arg("use_kd"),
       py::arg("use_ce"), py::arg("scales"), py::arg("row_kd"), py::arg("row_ce"),
       py::arg("grad"), py::arg("num_threads"));
+
+  m.def(
+      "topk_kl_cuda",
+      [](std::uintptr_t student, int64_t student_row_stride, std::uintptr_t ids,
+         std::uintptr_t logprobs, std::uintptr_t tail, int64_t k, std::uintptr_t kd_mask,
+         std::uintptr_t labels, int64_t rows, int64_t cols, int dtype, int normalization,
+         float temperature, float capture_temperature, int64_t ignore_index, bool use_kd,
+         std::uintptr_t scales, std::uintptr_t row_kd, std::uintptr_t row_ce,
+         std::uintptr_t grad, std::uintptr_t stream) {
+        gpu::TopkKLArgs a;
+        a.student = ptr<void>(student);
+        a.student_row_stride = student_row_stride;
+        a.ids = ptr<int64_t>(ids);
+        a.logprobs = ptr<float>(logprobs);
+        a.tail = ptr<float>(tail);
+        a.k = k;
+        a.kd_mask = ptr<uint8_t>(kd_mask);
+        a.labels = ptr<int64_t>(labels);
+        a.rows = rows;
+        a.cols = cols;
+        a.dtype = dtype;
+        a.normalization = normalization;
+        a.temperature = temperature;
+        a.capture_temperature = capture_temperature;
+        a.ignore_index = ignore_index;
+        a.use_kd = use_kd;
+        a.use_ce = labels != 0;
+        a.scales = ptr<float>(scales);
+        a.row_kd = mut_ptr<float>(row_kd);
+        a.row_ce = mut_ptr<float>(row_ce);
+        a.grad = mut_ptr<void>(grad);
+        a.stream = mut_ptr<void>(stream);
+        call_cuda("topk_kl_cuda", [&] { return launch::topk_kl(a); });
+      },
+      py::arg("student"), py::arg("student_row_stride"), py::arg("ids"), py::arg("logprobs"),
+      py::arg("tail"), py::arg("k"), py::arg("kd_mask"), py::arg("labels"), py::arg("rows"),
+      py::arg("cols"), py::arg("dtype"), py::arg("normalization"), py::arg("temperature"),
+      py::arg("capture_temperature"), py::arg("ignore_index"), py::arg("use_kd"),
+      py::arg("scales"), py::arg("row_kd"), py::arg("row_ce"), py::arg("grad"),
+      py::arg("stream"));
 }

@@ -52,7 +52,7 @@ def native_cuda_built() -> bool:
 
 # Ops the CUDA kernels of the compiled core do not serve (yet): the LLM divergences run on the
 # generic row loop, which exists on CPU and in Triton.
-_NO_CUDA_KERNEL = frozenset({"reverse_kl", "jsd", "tvd", "distillation_divergence", "topk_kl"})
+_NO_CUDA_KERNEL = frozenset({"reverse_kl", "jsd", "tvd", "distillation_divergence"})
 
 
 def _has_triton_kernel(op: str) -> bool:

@@ -4,10 +4,12 @@ against the float64 oracle (fastdistill.reference), on every implementation."""
 from __future__ import annotations
 
 import math
+import os
 
+import _oracle
 import pytest
 import torch
-from _oracle import Rng, check, fp16_impl, run_loss
+from _oracle import Rng, fp16_impl, norm, run_loss
 
 from fastdistill import reference
 from fastdistill.losses import kl_div_loss, topk_distillation_loss, topk_kl_loss
@@ -16,6 +18,22 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NORMALIZATIONS = ("full", "renormalized", "tail")
 # (*lead, V, k): k = 1, k = V, odd sizes.
 SHAPES = [(41, 1, 1), (3, 7, 7, 3), (41, 1271, 64), (2, 3, 1271, 7), (5, 300, 300)]
+
+
+# The torch backend evaluates the reference formulas in fp32: in the tail mode a small KL is the
+# difference of logsumexps of ~1 (measured: 1.1e-5 relative on a KL of 0.04 at T = 4).
+TORCH_RTOL = 1e-4
+
+
+def check(fn, ref_fn, student, grad_out, *, what):
+    """_oracle.check, with the torch backend's budget (see TORCH_RTOL)."""
+    if os.environ.get("FASTDISTILL_BACKEND") != "torch":
+        return _oracle.check(fn, ref_fn, student, grad_out, what=what)
+    expected = _oracle.oracle(ref_fn, student, grad_out)
+    return _oracle.check(
+        fn, ref_fn, student, grad_out, what=what, expected=expected,
+        loss_atol=TORCH_RTOL * norm(expected[0]), grad_rtol=TORCH_RTOL,
+    )  # fmt: skip
 
 
 def teacher(rng: Rng, lead, v, k, *, capture_temperature=1.0, lp_dtype=torch.float32):
@@ -47,16 +65,6 @@ def _fns(fn_kw, ids, lp, tail, **kw):
         )
 
     return f, ref
-
-
-@pytest.fixture(autouse=True)
-def _needs_triton_kernel(request):
-    callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("impl") == "triton":
-        from fastdistill.triton import KERNEL_MODULES
-
-        if "topk_kl" not in KERNEL_MODULES:
-            pytest.skip("no Triton kernel for topk_kl yet")
 
 
 def _temps(normalization, temperature):
