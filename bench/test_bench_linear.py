@@ -9,6 +9,7 @@ summary printed at the end.
     pytest bench/test_bench_linear.py -q                        # the 32k-vocabulary configs
     FASTDISTILL_BENCH_LINEAR=speed-32k,memory-2k pytest bench/test_bench_linear.py -q
     FASTDISTILL_BENCH_LINEAR=all pytest bench/test_bench_linear.py -q  # includes V = 128,256
+    FASTDISTILL_BENCH_DEVICE=cuda pytest bench/test_bench_linear.py -q  # GPU rows (not run yet)
 
 "Working" memory = peak extra memory minus the gradients the call returns (d hidden, d W): what
 the loss needs beyond its inputs, weights and the weight gradient.
@@ -67,6 +68,7 @@ CONFIGS = {
     )
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEVICE = torch.device(os.environ.get("FASTDISTILL_BENCH_DEVICE", "cpu"))
 
 
 def _selected() -> list[Config]:
@@ -105,12 +107,32 @@ def _inputs(cfg: Config, dtype: torch.dtype):
         wt = w * 0.9 + torch.randn(v, h, generator=g) * (1.0 / h**0.5)
         labels = torch.randint(0, v, (n,), generator=g)
         labels[::8] = B.IGNORE
-        _INPUTS[key] = tuple(x.to(dtype) for x in (hs, w, ht, wt)) + (labels,)
+        _INPUTS[key] = tuple(x.to(DEVICE, dtype) for x in (hs, w, ht, wt)) + (labels.to(DEVICE),)
     return _INPUTS[key]
 
 
 def _step(impl: str, h, w, th, tw, labels):
     """One forward + backward of ``impl``; returns the loss and the gradients it produced."""
+    out = _run(impl, h, w, th, tw, labels)
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)  # time the work, not its launch
+    return out
+
+
+def _peak(fn):
+    """(peak extra bytes, result): bench/memory.py on CPU, the caching allocator's peak on GPU."""
+    if DEVICE.type != "cuda":
+        _buffers.empty_cache()  # so that the buffers the call takes from the pool count
+        mem = peak_extra_memory(fn)
+        return mem.peak_bytes, mem.result
+    torch.cuda.synchronize(DEVICE)
+    before = torch.cuda.memory_allocated(DEVICE)
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    result = fn()
+    return torch.cuda.max_memory_allocated(DEVICE) - before, result
+
+
+def _run(impl: str, h, w, th, tw, labels):
     if impl == "gemms":
         return None, B.gemms(h, w, th, tw)
     hs, ws = h.detach().requires_grad_(True), w.detach().requires_grad_(True)
@@ -140,15 +162,11 @@ def test_linear(benchmark, cfg: Config, dtype_name: str, impl: str):
     start = time.perf_counter()
     _step(impl, h, w, th, tw, labels)  # warm-up (compiles Liger's chunk function)
     warm = time.perf_counter() - start
-    # An empty pool, so that the buffers the call takes from it count (bench/memory.py).
-    _buffers.empty_cache()
-    mem = peak_extra_memory(lambda: _step(impl, h, w, th, tw, labels))
-    loss, grads = mem.result
+    peak, (loss, grads) = _peak(lambda: _step(impl, h, w, th, tw, labels))
     grad_bytes = sum(g.numel() * g.element_size() for g in grads if g is not None)
     if impl == "gemms":
         grad_bytes = 0  # its outputs are the GEMM results, not gradients
-    peak = mem.peak_bytes
-    del mem, grads  # the gradients of the profiled call: not alive while timing
+    del grads  # the gradients of the profiled call: not alive while timing
     benchmark.group = f"linear {cfg.name} {dtype_name}"
     benchmark.pedantic(lambda: _step(impl, h, w, th, tw, labels), rounds=cfg.rounds, iterations=1)
     best = benchmark.stats.stats.min
