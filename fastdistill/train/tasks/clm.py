@@ -71,7 +71,6 @@ class CLMTask(TextTask):
         from fastdistill.train import cache
         from fastdistill.train.teacher_cache import TeacherCache
 
-
         want = {
             "k": self.cfg.teacher_top_k,
             "data_key": train_data.meta["key"],
