@@ -400,3 +400,37 @@ def test_compile_fullgraph_matches_eager(rng):
     torch.testing.assert_close(lc, le, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-6, atol=1e-8)
     torch._dynamo.reset()
+
+
+def test_non_contiguous(impl, rng):
+    """Logits rows with a stride of their own (a slice of wider rows), ids and log-probs as
+    transposed views: read in place or copied, same values."""
+    ids, lp, tail, _ = teacher(rng, (5, 4), 90, 6)
+    wide = rng.logits(5, 4, 100)
+    s = wide[..., 3:93]
+    ids_t = ids.transpose(0, 1).contiguous().transpose(0, 1)
+    lp_t = lp.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not s.is_contiguous() and not ids_t.is_contiguous()
+    for normalization in NORMALIZATIONS:
+        f, ref = _fns(dict(normalization=normalization), ids_t, lp_t, tail, reduction="sum")
+        check(f, ref, s.contiguous(), torch.tensor(0.37), what=f"{impl} {rng.tag}")
+        got = topk_kl_loss(s, ids_t, lp_t, teacher_tail=tail, normalization=normalization)
+        want = topk_kl_loss(s.contiguous(), ids, lp, teacher_tail=tail, normalization=normalization)
+        torch.testing.assert_close(got, want)
+
+
+def test_renormalized_reads_only_k(impl, rng):
+    """renormalized (without CE) depends on the K columns only: NaN or +inf logits elsewhere
+    change nothing and get zero gradient, as in the reference."""
+    ids, lp, _, _ = teacher(rng, (4,), 50, 6)
+    s = rng.logits(4, 50)
+    outside = torch.ones_like(s, dtype=torch.bool).scatter(-1, ids, False)
+    s_bad = s.clone()
+    s_bad[0][outside[0]] = math.nan
+    s_bad[2][outside[2]] = math.inf
+    kw = dict(normalization="renormalized", reduction="none")
+    loss, grad = run_loss(lambda x: topk_kl_loss(x, ids, lp, **kw), s_bad, torch.ones(4))
+    ref, ref_grad = run_loss(lambda x: topk_kl_loss(x, ids, lp, **kw), s, torch.ones(4))
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grad, ref_grad)
+    assert torch.count_nonzero(grad[outside]) == 0

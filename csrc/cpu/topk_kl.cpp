@@ -216,7 +216,11 @@ void process_row(const TopkKLArgs& a, int64_t r, uint8_t* mark, double* scratch)
   const float temp = kd ? a.temperature : 1.0f;  // the CE alone runs at T = 1
   const float c_t = kLog2e / temp;
   const bool sep1 = ce && temp != 1.0f;  // the CE needs exp(s - m) besides exp((s - m)/T)
-  const RowSums rs = row_sums(s, V, c_t, sep1, tail ? mark : nullptr);
+  // Renormalized KD alone reads only the K columns (q is a softmax over K): no full-row pass,
+  // and every other column's gradient is 0, also where its logit is NaN.
+  const bool k_only = kd && !ce && a.normalization == kTopkRenormalized;
+  const RowSums rs =
+      k_only ? RowSums{0.0f, 0.0f, 1.0, 1.0, 0.0} : row_sums(s, V, c_t, sep1, tail ? mark : nullptr);
   if (tail)
     for (int64_t i = 0; i < k; ++i) mark[ids[i]] = 0;
   double* gk = scratch + 2 * k;
@@ -234,7 +238,9 @@ void process_row(const TopkKLArgs& a, int64_t r, uint8_t* mark, double* scratch)
   const float ce_coef = static_cast<float>(c_ce / rs.s1);
   const float coef = static_cast<float>(c_kd * kp.alpha) + (sep1 ? 0.0f : ce_coef);
   const float coef_out = static_cast<float>(c_kd * kp.beta);
-  if (coef_out != 0.0f)
+  if (k_only)
+    fill_zero(g, V);
+  else if (coef_out != 0.0f)
     dense_pass<T, true>(s, g, V, rs, c_t, coef, coef_out, sep1 ? ce_coef : 0.0f);
   else
     dense_pass<T, false>(s, g, V, rs, c_t, coef, 0.0f, sep1 ? ce_coef : 0.0f);

@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) topk_kl_kernel(const Params p)
       const float coef_out = static_cast<float>(c_kd * beta);
       for (int j = tid; j < cols; j += nthreads) {
         const float x = F::ld(s, j);
-        float v = coef * ex2((x - m) * c_t);
+        float v = coef != 0.0f ? coef * ex2((x - m) * c_t) : 0.0f;  // renormalized: 0
         if (sep1) v += ce_coef * ex2((x - m) * kLog2e);
         if (coef_out != 0.0f) v += coef_out * ex2((x - m_out) * c_t);
         F::st(g, j, v);

@@ -212,7 +212,7 @@ def _write_grad(s_row, g_row, scales_ptr, n_cols, n_live, kd, ce, live, m, m_out
         cols = start + tl.arange(0, BLOCK)
         inb = cols < n_cols
         x = tl.load(s_row + cols, mask=cols < n_live, other=0.0).to(tl.float32)
-        v = coef * tl.exp2((x - m) * c_t)
+        v = tl.where(coef != 0, coef * tl.exp2((x - m) * c_t), 0.0)  # renormalized: 0
         if CE:
             v += tl.where(ce, ce_coef * tl.exp2((x - m) * LOG2E), 0.0)
         if TAIL:
