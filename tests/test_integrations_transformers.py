@@ -187,6 +187,23 @@ def test_equals_the_same_trainer_with_the_eager_formula(tmp_path, options):
         assert terms == pytest.approx(got["loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("options", DIVERGENCES[:3], ids=lambda o: o["divergence"])
+def test_fused_linear_equals_the_eager_formula_on_logits(tmp_path, options):
+    """fused_linear=True (hidden states and heads, no logits) optimises the same objective: the
+    logged losses, each step's gradients and the final weights of the eager formula."""
+    data = _data(8, causal=True)
+    fused, fused_grads = _train(
+        DistillationTrainer, tmp_path, "fused", data, fused_linear=True, **options
+    )
+    ref, ref_grads = _train(ReferenceTrainer, tmp_path, "ref", data, **options)
+    for a, b in zip(fused_grads, ref_grads, strict=True):
+        _close(a, b, rtol=1e-4)
+    _close(list(fused.model.parameters()), list(ref.model.parameters()), rtol=1e-5)
+    logs = [h["loss"] for h in fused.state.log_history if "loss" in h]
+    ref_logs = [h["loss"] for h in ref.state.log_history if "loss" in h]
+    assert logs == pytest.approx(ref_logs, rel=1e-5)
+
+
 @pytest.mark.parametrize(
     "arch,labels",
     [("gpt2", True), ("bert", True), ("gpt2", False)],
@@ -290,7 +307,8 @@ def test_evaluate_reports_the_distillation_loss(tmp_path):
         (dict(vocab="all"), ValueError, "vocab"),
         (dict(causal_lm="yes"), TypeError, "causal_lm"),
         (dict(teacher_model=None), TypeError, "teacher_model"),
-        (dict(fused_linear=True), NotImplementedError, "fused_linear"),
+        (dict(fused_linear=True, vocab="common"), ValueError, "one vocabulary"),
+        (dict(fused_linear="yes"), TypeError, "fused_linear"),
     ],
 )
 def test_bad_arguments_name_the_argument(tmp_path, options, error, match):

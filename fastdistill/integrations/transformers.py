@@ -63,9 +63,10 @@ class DistillationTrainer(transformers.Trainer):
         vocab: ``"same"`` (student and teacher vocabularies must match) or ``"common"`` (the
             divergence over the first min(V_s, V_t) columns; the CE over the student's own).
         causal_lm: compare logits at i with labels at i + 1; None decides from the model class.
-        fused_linear: take the student's final hidden states and output embedding instead of
-            its logits (``fastdistill.losses.linear_distillation_loss``, the logits never
-            materialised). Not available in this version: True raises ``NotImplementedError``.
+        fused_linear: take the student's and the teacher's final hidden states and output
+            embeddings instead of their logits (``fastdistill.losses.linear_distillation_loss``:
+            the (tokens, V) logits are never materialised; a final-logit softcap or logit scale
+            of the student's config is applied there). Causal LMs of one vocabulary only.
 
     Logged with the Trainer's ``loss``: ``kd_loss`` and ``ce_loss`` (each term unweighted,
     normalised like ``loss``), for the terms of non-zero weight. ``distillation_loss`` is the
@@ -94,7 +95,7 @@ class DistillationTrainer(transformers.Trainer):
         options = _check_options(
             divergence, beta, temperature, alpha_kd, alpha_ce, t2_scale, ignore_index, vocab
         )
-        _check_fused_linear(fused_linear)
+        _check_fused_linear(fused_linear, vocab)
         if not isinstance(teacher_model, nn.Module):
             raise TypeError(
                 "teacher_model must be the teacher (an nn.Module returning .logits), got "
@@ -107,6 +108,9 @@ class DistillationTrainer(transformers.Trainer):
         _check_loss_arguments(self)
         self.distillation_options = options
         self.causal_lm = _is_causal_lm(self.model) if causal_lm is None else causal_lm
+        self.fused_linear = fused_linear
+        if fused_linear and not self.causal_lm:
+            raise ValueError("fused_linear=True is for causal LMs (causal_lm=True)")
         self.teacher_model = _freeze(teacher_model, self.accelerator.device)
         self._term_sums: Tensor | None = None  # device-side sums of the logged terms
         self._term_start_step = 0
@@ -119,6 +123,10 @@ class DistillationTrainer(transformers.Trainer):
         by their own count when it is None."""
         labels, selected = self._selected_tokens(inputs)
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        if self.fused_linear:
+            return self._fused_linear_loss(
+                model, model_inputs, labels, selected, return_outputs, num_items_in_batch
+            )
         outputs = model(**model_inputs)
         student_logits = outputs.logits
         teacher_logits = self._teacher_logits(model_inputs).to(student_logits.device)
@@ -130,6 +138,11 @@ class DistillationTrainer(transformers.Trainer):
         total, terms = self.distillation_loss(
             student_logits, teacher_logits, labels, selected, num_items_in_batch
         )
+        total = self._account(model, total, terms, num_items_in_batch)
+        return (total, outputs) if return_outputs else total
+
+    def _account(self, model, total: Tensor, terms: Tensor, num_items_in_batch) -> Tensor:
+        """Scale for DDP, tell the Trainer how the loss is normalised, log the terms."""
         if num_items_in_batch is not None and self._counts_across_processes():
             # DDP averages the gradients over processes; each one's sum was divided by the
             # global count, so the mean needs this factor (as Trainer.compute_loss does).
@@ -141,6 +154,35 @@ class DistillationTrainer(transformers.Trainer):
         if model.training:
             factor = 1.0 if self.loss_is_scaled_for_ga else 1.0 / self._accumulation_steps()
             self._add_terms(terms * factor)
+        return total
+
+    def _fused_linear_loss(
+        self, model, model_inputs, labels, selected, return_outputs, num_items_in_batch
+    ):
+        """compute_loss from the final hidden states and the output embeddings (no logits)."""
+        o = self.distillation_options
+        # Logits for the last position only (unused); the final normed hidden states in full.
+        kw = dict(output_hidden_states=True, logits_to_keep=1)
+        outputs = model(**model_inputs, **kw)
+        student = self.accelerator.unwrap_model(model)
+        head, t_head = student.get_output_embeddings(), self.teacher_model.get_output_embeddings()
+        with torch.no_grad():
+            t_hidden = self.teacher_model(**model_inputs, **kw).hidden_states[-1][:, :-1]
+        hidden = outputs.hidden_states[-1][:, :-1]
+        device = hidden.device
+        total, kd, ce = FL.linear_distillation_loss(
+            hidden.to(head.weight.dtype), head.weight, student_bias=head.bias,
+            teacher_hidden=t_hidden.to(device), teacher_weight=t_head.weight.to(device),
+            teacher_bias=None if t_head.bias is None else t_head.bias.to(device),
+            labels=None if labels is None else labels.to(device), mask=selected.to(device),
+            ignore_index=o["ignore_index"], divergence=o["divergence"], beta=o["beta"],
+            temperature=o["temperature"], t2_scale=o["t2_scale"], alpha_kd=o["alpha_kd"],
+            alpha_ce=o["alpha_ce"],
+            softcap=getattr(student.config, "final_logit_softcapping", None),
+            logit_scale=getattr(student.config, "logit_scale", None),
+            normalizer=num_items_in_batch,
+        )  # fmt: skip
+        total = self._account(model, total, torch.stack((kd, ce)), num_items_in_batch)
         return (total, outputs) if return_outputs else total
 
     def distillation_loss(
@@ -289,22 +331,13 @@ def _check_options(
     }  # fmt: skip
 
 
-def _check_fused_linear(fused_linear: object) -> None:
-    """The fused-linear path (hidden states and the output embedding in, no logits) is switched
+def _check_fused_linear(fused_linear: object, vocab: str) -> None:
+    """The fused-linear path (hidden states and the output embeddings in, no logits) is switched
     on explicitly; it is never chosen behind the user's back."""
     if not isinstance(fused_linear, bool):
         raise TypeError(f"fused_linear must be True or False, got {fused_linear!r}")
-    if not fused_linear:
-        return
-    if not hasattr(FL, "linear_distillation_loss"):
-        raise NotImplementedError(
-            "fused_linear=True needs fastdistill.losses.linear_distillation_loss, which this "
-            "version of fastdistill does not have; use fused_linear=False (the logits path)"
-        )
-    raise NotImplementedError(
-        "fused_linear=True: DistillationTrainer does not use "
-        "fastdistill.losses.linear_distillation_loss yet; use fused_linear=False"
-    )
+    if fused_linear and vocab != "same":
+        raise ValueError("fused_linear=True needs one vocabulary: use vocab='same'")
 
 
 def _check_loss_arguments(trainer: transformers.Trainer) -> None:
