@@ -111,8 +111,11 @@ def test_matches_oracle(impl, rng, name, dtype, shape):
                 f"mask={m is not None} {rng.tag}"
             )
             # At T = 0.05 the rows are nearly one-hot and the gradients tiny (down to 1e-16):
-            # fp32 resolves the p_s (q - qbar) of the top column to ~1e-8 of the weight.
-            grad_atol = 1e-7 if temperature == 0.05 else 1e-9
+            # fp32 resolves the p_s (q - qbar) of the top column to ~1e-8 of the weight, in each
+            # row independently, so the bound on the norm over rows grows as their square root
+            # (a flat 1e-7 failed 1 seed in ~10^3 at 21 rows: 3.4e-7 against |ref| 1.8e-5).
+            rows = math.prod(lead)
+            grad_atol = 1e-7 * math.sqrt(rows) if temperature == 0.05 else 1e-9
             check(fn, ref, s, g, what=what, loss_atol=loss_atol, grad_atol=grad_atol)
 
 
