@@ -66,3 +66,15 @@ def native_isa(request, monkeypatch) -> str:
 @pytest.fixture
 def switch_impl(monkeypatch):
     return lambda impl: use_impl(monkeypatch, impl)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (the trainer tests use it): with tiny matrices OpenMP
+    hand-offs cost more than the math, and far more on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

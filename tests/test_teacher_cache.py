@@ -15,13 +15,7 @@ from fastdistill.train import TrainConfig
 from fastdistill.train import teacher_cache as TC
 from fastdistill.train.tasks import text_data as TD
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models
 
 
 @pytest.fixture(scope="module")

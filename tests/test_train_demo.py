@@ -8,19 +8,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from fastdistill.train import cli, demo, metrics
 from fastdistill.train.config import TrainConfig
 from fastdistill.train.tasks.mlm import MLMOptions
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models
 
 
 def test_corpus_is_shipped_with_its_source():

@@ -23,13 +23,7 @@ from fastdistill.train import checkpoint as ckpt
 from fastdistill.train.cli import main as train_main
 from fastdistill.train.rundir import RUN_MARKER
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models
 
 
 @pytest.fixture(scope="module")

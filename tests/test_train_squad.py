@@ -28,12 +28,7 @@ SAMPLE = DATA / "sample.json"  # the same questions, flat layout, more gold answ
 SIZES = dict(max_length=96, doc_stride=48, max_query_length=24)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models
 
 
 # ---- config ------------------------------------------------------------------------------------------

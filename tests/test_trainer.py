@@ -17,14 +17,7 @@ from fastdistill.train.cli import main as train_main
 from fastdistill.train.demo import tiny_config
 from fastdistill.train.tasks.mlm import MLMTask
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: OpenMP hand-offs cost more than the math, and far more on a busy 2-core box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models
 
 
 @pytest.fixture(scope="module")
