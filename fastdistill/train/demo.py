@@ -301,21 +301,14 @@ def run_demo(
     """Run the embedded default; ``quick`` shrinks it to seconds (tests). ``resume``: a run (the
     teacher's or the student's) that left checkpoints continues from its latest one instead of
     starting again."""
-    import dataclasses
 
-    from fastdistill.train import checkpoint
     from fastdistill.train.trainer import train
 
     settings = demo_settings(quick)
     out = Path(output_dir)
     configs = demo_configs(out, quick=quick, progress_bar=progress_bar, tensorboard=tensorboard)
     if resume:
-        configs = {
-            name: dataclasses.replace(cfg, resume=True, overwrite_output_dir=False)
-            if checkpoint.has_checkpoints(cfg.output_dir)
-            else cfg
-            for name, cfg in configs.items()
-        }
+        configs = resumed(configs)
     train_txt, _ = split_corpus(CORPUS, out / "data")
     teacher_dir = Path(configs["student"].teacher)
     for name, cfg in configs.items():
@@ -336,17 +329,35 @@ def run_demo(
         log.info("step 1/2: reusing the teacher in %s", teacher_dir)
     log.info("step 2/2: distilling it into a student with every other layer")
     summary = train(configs["student"])
+    return write_result(out, configs, summary)
+
+
+def resumed(configs: dict[str, Any]) -> dict[str, Any]:
+    """The demo's runs with ``resume`` on for each run that left checkpoints."""
+    import dataclasses
+
+    from fastdistill.train import checkpoint
+
+    return {
+        name: dataclasses.replace(cfg, resume=True, overwrite_output_dir=False)
+        if checkpoint.has_checkpoints(cfg.output_dir)
+        else cfg
+        for name, cfg in configs.items()
+    }
+
+
+def write_result(out: Path, configs: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """What a demo reports (see :func:`format_demo`), also written to OUT/demo_summary.json."""
     student_run = Path(configs["student"].output_dir)
-    before, after = summary.get("eval_before", {}), summary.get("eval_after", {})
     result = {
         "run_dir": str(student_run),
-        "teacher": str(teacher_dir),
+        "teacher": str(configs["student"].teacher),
         "student": str(student_run / "final"),
         "figure": summary.get("figure"),
         "teacher_parameters": summary.get("teacher_parameters"),
         "student_parameters": summary.get("student_parameters"),
-        "before": before,
-        "after": after,
+        "before": summary.get("eval_before", {}),
+        "after": summary.get("eval_after", {}),
     }
     (out / "demo_summary.json").write_text(json.dumps(result, indent=1))
     return result

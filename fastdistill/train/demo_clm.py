@@ -9,14 +9,19 @@ and after. Everything runs through ``--task llm``; a few minutes on two CPU core
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from fastdistill.train.demo import CORPUS, build_wordpiece_tokenizer, split_corpus, tiny_config
+from fastdistill.train.demo import (
+    CORPUS,
+    build_wordpiece_tokenizer,
+    resumed,
+    split_corpus,
+    tiny_config,
+    write_result,
+)
 
 log = logging.getLogger("fastdistill.train")
 
@@ -96,19 +101,13 @@ def run_clm_demo(
     resume: bool = False,
 ) -> dict[str, Any]:
     """Run the decoder-LLM demo (``quick``: seconds, for tests); returns what it reports."""
-    from fastdistill.train import checkpoint
     from fastdistill.train.trainer import train
 
     s = {**CLM_DEMO, **(QUICK if quick else {})}
     out = Path(output_dir)
     configs = clm_demo_configs(out, quick=quick, progress_bar=progress_bar, tensorboard=tensorboard)
     if resume:
-        configs = {
-            k: dataclasses.replace(c, resume=True, overwrite_output_dir=False)
-            if checkpoint.has_checkpoints(c.output_dir)
-            else c
-            for k, c in configs.items()
-        }
+        configs = resumed(configs)
     train_txt, _ = split_corpus(CORPUS, out / "data")
     teacher_dir = Path(configs["student"].teacher)
     if not (teacher_dir / "config.json").is_file():
@@ -121,15 +120,4 @@ def run_clm_demo(
         train(configs["teacher"])
     log.info("step 2/2: distilling it into a student with every other layer (JSD, beta 0.5)")
     summary = train(configs["student"])
-    result = {
-        "run_dir": str(out / "student"),
-        "teacher": str(teacher_dir),
-        "student": str(out / "student" / "final"),
-        "figure": summary.get("figure"),
-        "teacher_parameters": summary.get("teacher_parameters"),
-        "student_parameters": summary.get("student_parameters"),
-        "before": summary.get("eval_before", {}),
-        "after": summary.get("eval_after", {}),
-    }
-    (out / "demo_summary.json").write_text(json.dumps(result, indent=1))
-    return result
+    return write_result(out, configs, summary)
