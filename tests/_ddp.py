@@ -20,7 +20,17 @@ def _free_port() -> int:
 
 
 class Stop(Exception):
-    """Raised by every process after optimizer step ``stop_at``: a run killed there."""
+    """Raised after optimizer step ``stop_at``: a run killed there (by every process)."""
+
+
+def stop_after(step: int | None):
+    """An ``on_step_end`` hook that raises :class:`Stop` after optimizer step ``step``."""
+
+    def hook(s):
+        if s == step:
+            raise Stop
+
+    return hook
 
 
 def _worker(rank: int, world: int, port: int, config: dict, stop_at: int | None = None) -> None:
@@ -34,12 +44,8 @@ def _worker(rank: int, world: int, port: int, config: dict, stop_at: int | None 
     )
     torch.set_num_threads(1)
 
-    def hook(step):
-        if step == stop_at:
-            raise Stop
-
     try:
-        train(TrainConfig.from_dict(config), on_step_end=hook)
+        train(TrainConfig.from_dict(config), on_step_end=stop_after(stop_at))
     except Stop:
         pass
 

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from _ddp import Stop, stop_after
 from _tiny import tiny_inputs
 from safetensors.torch import load_file, save_file
 
@@ -131,8 +132,8 @@ def test_every_step_skipped_is_an_error_and_nothing_is_saved(inp, tmp_path):
 
 def test_non_finite_parameters_stop_the_run_before_any_save(inp, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(_Stop):
-        train(_cfg(inp, out, max_steps=8, save_interval=4), on_step_end=_stop_at(5))
+    with pytest.raises(Stop):
+        train(_cfg(inp, out, max_steps=8, save_interval=4), on_step_end=stop_after(5))
     state = ckpt.checkpoint_root(out) / "step-00000004"
     opt_file = state / "optimizer.safetensors"
     opt = load_file(str(opt_file))
@@ -153,8 +154,8 @@ def test_non_finite_parameters_stop_the_run_before_any_save(inp, tmp_path):
 
 def test_resume_refuses_changed_training_settings(inp, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(_Stop):
-        train(_cfg(inp, out), on_step_end=_stop_at(3))
+    with pytest.raises(Stop):
+        train(_cfg(inp, out), on_step_end=stop_after(3))
     for change, key in (
         (dict(learning_rate=1e-3), "learning_rate"),
         (dict(seed=7), "seed"),
@@ -174,8 +175,8 @@ def test_damaged_latest_checkpoint_falls_back_to_an_intact_one(inp, tmp_path, ca
     whole = tmp_path / "whole"
     train(_cfg(inp, whole))
     out = tmp_path / "run"
-    with pytest.raises(_Stop):
-        train(_cfg(inp, out), on_step_end=_stop_at(5))
+    with pytest.raises(Stop):
+        train(_cfg(inp, out), on_step_end=stop_after(5))
     root = ckpt.checkpoint_root(out)
     assert ckpt.latest_checkpoint(out).name == "step-00000004"
     model = root / "step-00000004" / "model" / "model.safetensors"
@@ -196,8 +197,8 @@ def test_damaged_latest_checkpoint_falls_back_to_an_intact_one(inp, tmp_path, ca
 @pytest.mark.parametrize("damage", ["edited_step", "truncated_state", "missing_key"])
 def test_damaged_only_checkpoint_is_named(inp, tmp_path, damage):
     out = tmp_path / "run"
-    with pytest.raises(_Stop):
-        train(_cfg(inp, out, keep_checkpoints=1), on_step_end=_stop_at(3))
+    with pytest.raises(Stop):
+        train(_cfg(inp, out, keep_checkpoints=1), on_step_end=stop_after(3))
     state_file = ckpt.checkpoint_root(out) / "step-00000002" / ckpt.STATE
     state = json.loads(state_file.read_text())
     if damage == "edited_step":
@@ -252,8 +253,8 @@ def test_leftovers_of_killed_writers_are_removed(inp, tmp_path):
 
 def test_resume_keeps_one_evaluation_per_step(inp, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(_Stop):
-        train(_cfg(inp, out), on_step_end=_stop_at(3))
+    with pytest.raises(Stop):
+        train(_cfg(inp, out), on_step_end=stop_after(3))
     train(_cfg(inp, out, resume=True))
     train(_cfg(inp, out, resume=True))  # a finished run resumed again
     evals = [
@@ -322,18 +323,6 @@ def test_config_file_errors_are_one_line(tmp_path, capsys):
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-class _Stop(Exception):
-    pass
-
-
-def _stop_at(step):
-    def hook(s):
-        if s == step:
-            raise _Stop
-
-    return hook
 
 
 def _dead_pid() -> int:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from _ddp import Stop, stop_after
 from _tiny import build_word_tokenizer
 
 from fastdistill import losses as FL
@@ -180,8 +181,8 @@ def test_a_task_defined_here_trains_through_the_unchanged_trainer(toy, capsys):
     args += ["--batch-size", "8", "--learning-rate", "3e-3", "--log-interval", "5"]
     args += ["--save-interval", "10", "--no-progress-bar", "--no-tensorboard"]
     args += ["--toy-target-scale", "2.0", "--max-steps", "20", "--num-threads", "1"]
-    with pytest.raises(_Stop):
-        train(TrainConfig.from_dict(_config(toy, toy / "cli")), on_step_end=_stop_at(10))
+    with pytest.raises(Stop):
+        train(TrainConfig.from_dict(_config(toy, toy / "cli")), on_step_end=stop_after(10))
     assert train_main([*args, "--resume"]) == 0
     from safetensors.torch import load_file
 
@@ -189,15 +190,3 @@ def test_a_task_defined_here_trains_through_the_unchanged_trainer(toy, capsys):
     whole = load_file(str(toy / "run" / "final" / "model.safetensors"))
     for k, v in whole.items():
         torch.testing.assert_close(resumed[k], v, rtol=0, atol=0)
-
-
-class _Stop(Exception):
-    pass
-
-
-def _stop_at(step):
-    def hook(s):
-        if s == step:
-            raise _Stop
-
-    return hook
