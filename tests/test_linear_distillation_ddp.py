@@ -58,6 +58,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         loss.backward()
         if rank == 0:
             torch.save(_grads(model), os.path.join(out, "grads.pt"))
+        # Tear down together: a process that destroys its gloo group while the other still holds
+        # the connection can abort in gloo's destructor ("terminate called without an active
+        # exception"), failing the run after the gradients were right.
+        del ddp
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
