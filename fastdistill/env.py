@@ -14,7 +14,19 @@ import sys
 from typing import Any
 
 # Every op the backend dispatcher knows, in the order the report lists them.
-OPS = ("kl_div", "mse", "cosine", "cross_entropy", "distillation", "all_finite")
+OPS = (
+    "kl_div",
+    "mse",
+    "cosine",
+    "cross_entropy",
+    "distillation",
+    "reverse_kl",
+    "jsd",
+    "tvd",
+    "distillation_divergence",
+    "topk_kl",
+    "all_finite",
+)
 
 # Environment variables that change what runs.
 ENV_VARS = ("FASTDISTILL_BACKEND", "TRITON_INTERPRET")
