@@ -204,6 +204,27 @@ def test_fused_linear_equals_the_eager_formula_on_logits(tmp_path, options):
     assert logs == pytest.approx(ref_logs, rel=1e-5)
 
 
+class _LayoutRecorder(DistillationTrainer):
+    """Records whether the fused loss got the logits as rows it can read in place."""
+
+    def distillation_loss(self, student_logits, teacher_logits, labels, selected, normalizer):
+        self.row_layouts = getattr(self, "row_layouts", [])
+        for x in (student_logits, teacher_logits):
+            rows = x.reshape(-1, x.shape[-1])  # what the op does; a copy has its own storage
+            shared = rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+            self.row_layouts.append(shared)
+        return super().distillation_loss(
+            student_logits, teacher_logits, labels, selected, normalizer
+        )
+
+
+def test_causal_lm_logits_reach_the_loss_without_a_copy(tmp_path):
+    """The causal shift moves the labels, not the logits: a slice logits[:, :-1] would make the
+    loss copy both (B, S, V) tensors (no single row stride) and autograd zero-fill a third."""
+    trainer, _ = _train(_LayoutRecorder, tmp_path, "run", _data(4, causal=True), alpha_ce=0.5)
+    assert trainer.row_layouts and all(trainer.row_layouts)
+
+
 @pytest.mark.parametrize(
     "arch,labels",
     [("gpt2", True), ("bert", True), ("gpt2", False)],

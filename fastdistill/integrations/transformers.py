@@ -130,9 +130,6 @@ class DistillationTrainer(transformers.Trainer):
         outputs = model(**model_inputs)
         student_logits = outputs.logits
         teacher_logits = self._teacher_logits(model_inputs).to(student_logits.device)
-        if self.causal_lm:
-            # Views, no copy: the losses need only the last dimension contiguous.
-            student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
         labels = None if labels is None else labels.to(student_logits.device)
         selected = selected.to(student_logits.device)
         total, terms = self.distillation_loss(
@@ -167,8 +164,8 @@ class DistillationTrainer(transformers.Trainer):
         student = self.accelerator.unwrap_model(model)
         head, t_head = student.get_output_embeddings(), self.teacher_model.get_output_embeddings()
         with torch.no_grad():
-            t_hidden = self.teacher_model(**model_inputs, **kw).hidden_states[-1][:, :-1]
-        hidden = outputs.hidden_states[-1][:, :-1]
+            t_hidden = self.teacher_model(**model_inputs, **kw).hidden_states[-1]
+        hidden = outputs.hidden_states[-1]  # position i predicts token i + 1 (labels shifted)
         device = hidden.device
         total, kd, ce = FL.linear_distillation_loss(
             hidden.to(head.weight.dtype), head.weight, student_bias=head.bias,
@@ -196,7 +193,8 @@ class DistillationTrainer(transformers.Trainer):
         """The loss over the ``selected`` tokens, fused: returns ``(total, terms)``.
 
         ``student_logits`` ``(B, S, V_s)``, ``teacher_logits`` ``(B, S, V_t)``, ``labels`` and
-        ``selected`` (bool) ``(B, S)``, aligned (already shifted for a causal LM).
+        ``selected`` (bool) ``(B, S)``, aligned (for a causal LM, position i's labels and
+        selection are those of token i + 1, and the last position is unselected).
         total = (alpha_kd Σ_sel D + alpha_ce Σ_sel CE) / n, terms = (Σ_sel D / n, Σ_sel CE / n)
         detached, with n = ``normalizer``, or the number of selected tokens when None (0
         selected tokens give 0).
@@ -225,17 +223,22 @@ class DistillationTrainer(transformers.Trainer):
         return total * scale, terms * scale
 
     def _selected_tokens(self, inputs) -> tuple[Tensor | None, Tensor]:
-        """``(labels, selected)`` aligned with the logits the loss reads (shifted for a causal
-        LM): the tokens whose label is not ignore_index, else the attention mask, else all."""
+        """``(labels, selected)`` aligned with the model's logits, position by position: the
+        tokens whose label is not ignore_index, else the attention mask, else all.
+
+        For a causal LM the targets are shifted left instead of the logits sliced: ``logits[:,
+        :-1]`` cannot be read as rows with one stride, so the losses would copy both (B, S, V)
+        tensors and autograd would scatter the gradient back into a zeroed one."""
+        ignore = self.distillation_options["ignore_index"]
         labels = inputs.get("labels")
         if labels is not None:
-            labels = labels[..., 1:] if self.causal_lm else labels
-            return labels, labels != self.distillation_options["ignore_index"]
+            labels = _shift_left(labels, ignore) if self.causal_lm else labels
+            return labels, labels != ignore
         mask = inputs.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
-        mask = mask[..., 1:] if self.causal_lm else mask
-        return None, mask.bool()
+        mask = _shift_left(mask.bool(), False) if self.causal_lm else mask.bool()
+        return None, mask
 
     def _teacher_logits(self, model_inputs) -> Tensor:
         if self.teacher_model.training:  # someone called .train() on it: freeze it again
@@ -387,3 +390,12 @@ def _is_causal_lm(model: nn.Module | None) -> bool:
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return type(base).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def _shift_left(x: Tensor, fill) -> Tensor:
+    """``x`` (B, S) moved one position left along S, the last position set to ``fill``: the
+    target of each position is the next token's."""
+    out = torch.empty_like(x)
+    out[..., :-1] = x[..., 1:]
+    out[..., -1] = fill
+    return out
