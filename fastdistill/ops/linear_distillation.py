@@ -21,9 +21,15 @@ writes d total/d logits for that chunk, and two more GEMMs add the chunk's share
 (rows of the chunk) and d W (accumulated in float32). Alive at once: the chunk's student and
 teacher logits and their gradient, 3 · C · V floats, whatever N. Nothing is read back to the
 host: per-chunk sums and the count stay on the device, 1/n scales the gradients once at the end.
+
+The chunk loop (``run_linear_chunks``), the normalisation, the fake outputs and the autograd rule
+are shared with ``fastdistill::linear_topk_distillation`` (ops/linear_topk_distillation.py), whose
+teacher is a sparse top-k one: the two ops differ only in the loss of one chunk.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -87,13 +93,68 @@ def _logits_into(out: Tensor, hidden: Tensor, weight32: Tensor, bias32: Tensor |
     return out
 
 
-class _Chunks:
-    """The float32 buffers and the running sums of one call (see the module docstring)."""
+def chunk_rows(chunk_size: int, n: int, v: int, device: torch.device) -> int:
+    """Rows per chunk: ``chunk_size`` (0 = automatic, see auto_chunk_size), within [1, n]."""
+    rows = chunk_size if chunk_size > 0 else auto_chunk_size(n, v, device)
+    return max(1, min(rows, n))
 
-    def __init__(self, v, rows, device, teacher: bool):
-        self.student = _empty_f32(rows, v, device)
-        self.teacher = _empty_f32(rows, v, device) if teacher else None
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # total, kd, ce
+
+# What a linear op computes for one chunk: given the chunk's float32 student logits (rows, V)
+# (which it may overwrite), the chunk's rows of the flattened tokens, their labels and selection
+# (label != ignore_index; None = every row) and whether a gradient is wanted, it returns the chunk's
+# unnormalised [total, kd, ce] and d(unnormalised total)/d logits (float32, zero on unselected
+# rows), or None.
+ChunkLoss = Callable[[Tensor, slice, "Tensor | None", "Tensor | None", bool], tuple]
+
+
+def run_linear_chunks(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    student_bias: Tensor | None,
+    labels: Tensor | None,
+    normalizer: Tensor | None,
+    ignore_index: int,
+    rows: int,
+    wanted: tuple[bool, bool, bool],
+    chunk_loss: ChunkLoss,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The chunk loop of the linear ops (this one and ``linear_topk_distillation``): per chunk of
+    ``rows`` tokens, the student's logits by one float32 GEMM into a reused buffer, the chunk's
+    loss and logits gradient from ``chunk_loss``, and its share of d hidden (rows of the chunk),
+    d weight and d bias (float32 accumulation); ``wanted`` = (hidden, weight, bias). Returns the
+    op's outputs: total, [kd, ce] (divided by the normaliser) and the three gradients (empty where
+    not wanted), in the inputs' dtypes."""
+    n, v = student_hidden.shape[0], student_weight.shape[0]
+    device = student_hidden.device
+    grad_hidden, grad_weight, grad_bias = wanted
+    any_grad = any(wanted)
+    w32, b32 = _wide(student_weight), _wide(student_bias)
+    logits_buf = _empty_f32(rows, v, device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # total, kd, ce
+    d_h = torch.empty(student_hidden.shape, dtype=_F32, device=device) if grad_hidden else None
+    d_w = torch.zeros(student_weight.shape, dtype=_F32, device=device) if grad_weight else None
+    d_b = torch.zeros((v,), dtype=_F32, device=device) if grad_bias else None
+    for start in range(0, n, rows):
+        sl = slice(start, min(start + rows, n))
+        h = student_hidden[sl]
+        s = _logits_into(logits_buf[: h.shape[0]], h, w32, b32)
+        lab = labels[sl] if labels is not None else None
+        sel = lab != ignore_index if lab is not None else None
+        part, g = chunk_loss(s, sl, lab, sel, any_grad)
+        sums += part
+        if not any_grad:
+            continue
+        if grad_hidden:
+            torch.mm(g, w32, out=d_h[sl])
+        if grad_weight:
+            # Unselected rows have zero gradient, but 0 · NaN (garbage in padding rows) is NaN.
+            h32 = _wide(h) if sel is None else torch.where(sel.unsqueeze(1), _wide(h), 0.0)
+            d_w.addmm_(g.t(), h32)
+        if grad_bias:
+            d_b.add_(g.sum(0))
+        del part, g  # back to the pool before the next chunk's gradient is allocated
+    return _finish(sums, labels, ignore_index, n, normalizer, student_hidden, student_weight,
+                   (d_h, d_w, d_b))  # fmt: skip
 
 
 def _teacher_chunk(buf, sl, teacher_hidden, teacher_w32, teacher_b32, teacher_logits):
@@ -139,17 +200,12 @@ def linear_distillation(
     n, v = student_hidden.shape[0], student_weight.shape[0]
     device = student_hidden.device
     kd, ce = alpha_kd > 0, alpha_ce > 0
-    rows = chunk_size if chunk_size > 0 else auto_chunk_size(n, v, device)
-    rows = max(1, min(rows, n))
-    any_grad = grad_hidden or grad_weight or grad_bias
-    w32, b32 = _wide(student_weight), _wide(student_bias)
+    rows = chunk_rows(chunk_size, n, v, device)
     tw32, tb32 = (_wide(teacher_weight), _wide(teacher_bias)) if kd else (None, None)
     th = teacher_hidden if kd else None
     tl = teacher_logits if kd else None
-    buf = _Chunks(v, rows, device, teacher=th is not None or (tl is not None and tl.dtype != _F32))
-    d_h = torch.empty(student_hidden.shape, dtype=_F32, device=device) if grad_hidden else None
-    d_w = torch.zeros(student_weight.shape, dtype=_F32, device=device) if grad_weight else None
-    d_b = torch.zeros((v,), dtype=_F32, device=device) if grad_bias else None
+    needs_buffer = th is not None or (tl is not None and tl.dtype != _F32)
+    teacher_buf = _empty_f32(rows, v, device) if needs_buffer else None
     terms = Terms(
         kl=kd, ce=ce, w_kl=alpha_kd, w_ce=alpha_ce,
         norm_kl=_native.NORM_SUM, norm_ce=_native.NORM_SUM,
@@ -157,33 +213,20 @@ def linear_distillation(
         beta=beta, t2_scale=t2_scale,
     )  # fmt: skip
     transform = Transform(logit_scale, softcap)
-    for start in range(0, n, rows):
-        sl = slice(start, min(start + rows, n))
-        h = student_hidden[sl]
-        s = _logits_into(buf.student[: h.shape[0]], h, w32, b32)
-        t = _teacher_chunk(buf.teacher, sl, th, tw32, tb32, tl)
-        lab = labels[sl] if labels is not None else None
-        sel = lab != ignore_index if lab is not None else None
+
+    def chunk_loss(s, sl, lab, sel, compute_grad):
+        t = _teacher_chunk(teacher_buf, sl, th, tw32, tb32, tl)
         res = run_fused_logits(
             "distillation_divergence", s, t, lab if ce else None, sel if kd else None,
-            terms=terms, compute_grad=any_grad, temperature=temperature,
+            terms=terms, compute_grad=compute_grad, temperature=temperature,
             ignore_index=ignore_index, transform=transform,
         )  # fmt: skip
-        buf.sums[0:3] += res.out[0:3]
-        if not any_grad:
-            continue
-        g = res.grad  # (c, V) float32: d(unnormalised total)/d logits, 0 on unselected rows
-        if grad_hidden:
-            torch.mm(g, w32, out=d_h[sl])
-        if grad_weight:
-            # Unselected rows have zero gradient, but 0 · NaN (garbage in padding rows) is NaN.
-            h32 = _wide(h) if sel is None else torch.where(sel.unsqueeze(1), _wide(h), 0.0)
-            d_w.addmm_(g.t(), h32)
-        if grad_bias:
-            d_b.add_(g.sum(0))
-        del res, g  # back to the pool before the next chunk's gradient is allocated
-    return _finish(buf.sums, labels, ignore_index, n, normalizer, student_hidden, student_weight,
-                   (d_h, d_w, d_b))  # fmt: skip
+        return res.out[0:3], res.grad if compute_grad else None
+
+    return run_linear_chunks(
+        student_hidden, student_weight, student_bias, labels, normalizer, ignore_index, rows,
+        (grad_hidden, grad_weight, grad_bias), chunk_loss,
+    )  # fmt: skip
 
 
 def _finish(sums, labels, ignore_index, n, normalizer, hidden, weight, grads):
@@ -207,65 +250,79 @@ def _finish(sums, labels, ignore_index, n, normalizer, hidden, weight, grads):
     return out[0].clone(), out[1:3].clone(), *result
 
 
+def fake_linear_outputs(hidden: Tensor, weight: Tensor, wanted: tuple[bool, bool, bool]):
+    """The outputs' metadata of a linear op (its fake implementation)."""
+    f32 = dict(dtype=torch.float32)
+    grad_hidden, grad_weight, grad_bias = wanted
+
+    def maybe(on: bool, like: Tensor, shape) -> Tensor:
+        return like.new_empty(shape) if on else hidden.new_empty((0,))
+
+    return (
+        hidden.new_empty((), **f32),
+        hidden.new_empty((2,), **f32),
+        maybe(grad_hidden, hidden, hidden.shape),
+        maybe(grad_weight, weight, weight.shape),
+        maybe(grad_bias, weight, (weight.shape[0],)),
+    )
+
+
 @linear_distillation.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
       teacher_logits, labels, normalizer, temperature, alpha_kd, alpha_ce, ignore_index,
       divergence, beta, t2_scale, logit_scale, softcap, chunk_size, grad_hidden, grad_weight,
       grad_bias):  # fmt: skip
-    f32 = dict(dtype=torch.float32)
-    h, w = student_hidden, student_weight
-
-    def maybe(on: bool, like: Tensor, shape) -> Tensor:
-        return like.new_empty(shape) if on else h.new_empty((0,))
-
-    return (
-        h.new_empty((), **f32),
-        h.new_empty((2,), **f32),
-        maybe(grad_hidden, h, h.shape),
-        maybe(grad_weight, w, w.shape),
-        maybe(grad_bias, w, (w.shape[0],)),
+    return fake_linear_outputs(
+        student_hidden, student_weight, (grad_hidden, grad_weight, grad_bias)
     )
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)
-    ctx.wanted = tuple(bool(x) for x in inputs[19:22])
-    # Eager: keep the gradients on ctx and hand them over in the backward (no copy by
-    # AccumulateGrad, no second weight-sized buffer); traced: save_for_backward, as the compiler
-    # requires (see ops/_common.py, register_saved_grad_autograd).
-    ctx.traced = type(output[2]) is not torch.Tensor
-    if ctx.traced:
-        ctx.save_for_backward(*output[2:5])
-    else:
-        ctx.grads = output[2:5]
+def register_linear_autograd(op, *, num_inputs: int) -> None:
+    """Autograd of a linear op: inputs 0-2 are the student's hidden states, weight and bias, the
+    last three inputs say which of them want a gradient, and outputs 2-4 are those gradients,
+    computed in the forward for an upstream gradient of 1; the backward scales them."""
 
-
-def _backward(ctx, grad_total, *_unused):
-    none = (None,) * 22
-    if grad_total is None or not any(ctx.wanted):
-        return none
-    if ctx.traced:
-        grads = ctx.saved_tensors
-    else:
-        grads = getattr(ctx, "grads", None)
-        if grads is None:
-            raise RuntimeError(
-                "linear_distillation_loss supports one backward pass per forward pass (the "
-                "gradients computed in the forward are handed over); recompute it for another"
-            )
-        del ctx.grads
-    out = []
-    for on, g in zip(ctx.wanted, grads, strict=True):
-        if not on:
-            out.append(None)
-        elif ctx.traced or torch.compiler.is_compiling():
-            out.append(g * grad_total)
-        elif g.device.type == "cpu" and float(grad_total) == 1.0:
-            out.append(g)  # loss.backward() on CPU: a memory load, not a device sync
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.wanted = tuple(bool(x) for x in inputs[-3:])
+        # Eager: keep the gradients on ctx and hand them over in the backward (no copy by
+        # AccumulateGrad, no second weight-sized buffer); traced: save_for_backward, as the
+        # compiler requires (see ops/_common.py, register_saved_grad_autograd).
+        ctx.traced = type(output[2]) is not torch.Tensor
+        if ctx.traced:
+            ctx.save_for_backward(*output[2:5])
         else:
-            out.append(g.mul_(grad_total))
-    return (*out, *none[3:])
+            ctx.grads = output[2:5]
+
+    def backward(ctx, grad_total, *_unused):
+        none = (None,) * num_inputs
+        if grad_total is None or not any(ctx.wanted):
+            return none
+        if ctx.traced:
+            grads = ctx.saved_tensors
+        else:
+            grads = getattr(ctx, "grads", None)
+            if grads is None:
+                raise RuntimeError(
+                    "the linear distillation losses support one backward pass per forward pass "
+                    "(the gradients computed in the forward are handed over); recompute the loss "
+                    "for another"
+                )
+            del ctx.grads
+        out = []
+        for on, g in zip(ctx.wanted, grads, strict=True):
+            if not on:
+                out.append(None)
+            elif ctx.traced or torch.compiler.is_compiling():
+                out.append(g * grad_total)
+            elif g.device.type == "cpu" and float(grad_total) == 1.0:
+                out.append(g)  # loss.backward() on CPU: a memory load, not a device sync
+            else:
+                out.append(g.mul_(grad_total))
+        return (*out, *none[3:])
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
-torch.library.register_autograd(linear_distillation, _backward, setup_context=_setup_context)
+register_linear_autograd(linear_distillation, num_inputs=22)
