@@ -1,5 +1,6 @@
-"""Plain-PyTorch meaning of ``fastdistill::linear_distillation`` (materialised logits): the
-oracle of its tests and the eager baseline of its benchmarks. It lives beside
+"""Plain-PyTorch meaning of ``fastdistill::linear_distillation`` and
+``fastdistill::linear_topk_distillation`` (materialised logits): the oracle of their tests and the
+eager baseline of their benchmarks. It lives beside
 ``fastdistill/reference.py`` (whose conventions it follows and whose row formulas it uses) to keep
 that module within the repository's module-size rule."""
 
@@ -14,8 +15,24 @@ from fastdistill.reference import (
     divergence_rows,
     reduce_rows,
     select_rows,
+    token_selection,
+    topk_distillation_loss,
     transform_logits,
 )
+
+
+def _head(hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The materialised logits ``hidden · weightᵀ + bias`` in ``dtype``."""
+    return F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
+def _normaliser(normalizer, selected: Tensor | None, rows: int, dtype: torch.dtype):
+    """What the sums are divided by: ``normalizer``, else max(#selected, 1)."""
+    if normalizer is not None:
+        return normalizer.to(dtype) if isinstance(normalizer, Tensor) else normalizer
+    if selected is None:
+        return float(max(rows, 1))
+    return selected.sum().to(dtype).clamp_min(1.0)
 
 
 def linear_distillation_loss(
@@ -56,28 +73,17 @@ def linear_distillation_loss(
     logit_scale = 1.0 if logit_scale is None else logit_scale
     dtype = compute_dtype or torch.promote_types(student_hidden.dtype, torch.float32)
 
-    def head(h, w, b):
-        return F.linear(h.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
-
-    s = head(student_hidden, student_weight, student_bias)
+    s = _head(student_hidden, student_weight, student_bias, dtype)
     zero = s.new_zeros(())
-    selected = None if mask is None else mask.bool()
-    if labels is not None:
-        valid = labels != ignore_index
-        selected = valid if selected is None else valid & selected
-    if normalizer is not None:
-        n = normalizer.to(dtype) if isinstance(normalizer, Tensor) else normalizer
-    elif selected is None:
-        n = float(max(s[..., 0].numel(), 1))
-    else:
-        n = selected.sum().to(dtype).clamp_min(1.0)
+    selected = token_selection(None if mask is None else mask.bool(), labels, ignore_index)
+    n = _normaliser(normalizer, selected, s[..., 0].numel(), dtype)
     kd = ce = zero
     if alpha_kd > 0:
         if teacher_logits is not None:
             t = teacher_logits.detach().to(dtype)
         else:
             with torch.no_grad():
-                t = head(teacher_hidden, teacher_weight, teacher_bias)
+                t = _head(teacher_hidden, teacher_weight, teacher_bias, dtype)
         s_sel = transform_logits(select_rows(s, selected), logit_scale, softcap)
         t_sel = transform_logits(select_rows(t, selected), logit_scale, softcap)
         row = divergence_rows(s_sel, t_sel, divergence, temperature=temperature, beta=beta)
@@ -94,3 +100,55 @@ def linear_distillation_loss(
         ce = reduce_rows(row, valid, "sum", 1) / n
     total = alpha_kd * kd + alpha_ce * ce
     return total, kd.detach(), ce.detach()
+
+
+def linear_topk_distillation_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_tail: Tensor | None = None,
+    labels: Tensor | None = None,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
+    normalization: str = "full",
+    temperature: float = 1.0,
+    capture_temperature: float = 1.0,
+    t2_scale: bool = False,
+    alpha_kd: float = 1.0,
+    alpha_ce: float = 0.0,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    normalizer: float | Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(total, kd, ce)`` with s = student_hidden · student_weightᵀ + student_bias materialised,
+    x' = ``transform_logits(s)`` and the sparse teacher (ids, log-probs, tail) of
+    ``fastdistill.reference.topk_distillation_loss``:
+
+        kd = Σ_sel topk_kl_rows(x', ids, ℓ, tail) (· T² with t2_scale) / n,
+        ce = Σ_sel CE(x', label) / n,   total = alpha_kd · kd + alpha_ce · ce,
+
+    sel = tokens with ``mask`` true and ``labels != ignore_index`` (each optional; both terms
+    take this one selection), n = ``normalizer`` or max(#sel, 1). ``compute_dtype`` as in
+    ``linear_distillation_loss``. The teacher gets no gradient.
+    """
+    logit_scale = 1.0 if logit_scale is None else logit_scale
+    dtype = compute_dtype or torch.promote_types(student_hidden.dtype, torch.float32)
+    s = _head(student_hidden, student_weight, student_bias, dtype)
+    selected = token_selection(None if mask is None else mask.bool(), labels, ignore_index)
+    n = _normaliser(normalizer, selected, s[..., 0].numel(), dtype)
+    if alpha_ce > 0 and labels is None:
+        raise ValueError("alpha_ce > 0 needs labels")
+    # Unselected rows zeroed before the transforms: garbage there reaches no gradient.
+    x = transform_logits(select_rows(s, selected), logit_scale, softcap)
+    tail = None if teacher_tail is None else teacher_tail.to(dtype)
+    return topk_distillation_loss(
+        x, teacher_ids, teacher_logprobs.to(dtype), teacher_tail=tail,
+        labels=None if labels is None else labels.masked_fill(~selected, ignore_index),
+        mask=selected, normalization=normalization, temperature=temperature,
+        capture_temperature=capture_temperature, t2_scale=t2_scale, alpha_kd=alpha_kd,
+        alpha_ce=alpha_ce, ignore_index=ignore_index, normalizer=n,
+    )  # fmt: skip

@@ -306,6 +306,12 @@ def test_compile_fullgraph_matches_eager(rng):
         )  # fmt: skip
         return total * 0.37 + kd.sum() * 0
 
+    assert_compiled_matches_eager(f, student)
+
+
+def assert_compiled_matches_eager(f, student):
+    """``torch.compile(f, fullgraph=True)`` on fresh leaves of ``student``: eager's value and
+    gradients."""
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)
     a, e = _leaves(student), _leaves(student)
