@@ -10,7 +10,10 @@ Layout of a cache directory::
     manifest.json              the plan plus every shard's record (written last)
 
 Tokens are the flat token order of the training data's token cache (sequence i is tokens
-``offsets[i]:offsets[i+1]``); shard j holds sequences ``[j·S, (j+1)·S)``. Log-probabilities are
+``offsets[i]:offsets[i+1]``); shard j holds sequences ``[j·S, (j+1)·S)``. The sequences are the
+task's (:class:`TeacherCacheTask`): a text line's tokens for ``clm``, an example's (text piece,
+conversation or prompt + completion, all its tokens) for ``llm``, whose training rows may pack
+several of them; the loss selects the positions it trains on (``llm``: the targets) by its labels. Log-probabilities are
 the teacher's ``log_softmax(logits / capture_temperature)`` in float32, then stored in float16
 (|error| ≤ 2⁻¹¹·|value|); the tail is ``logsumexp`` of the log-probabilities left out, computed from
 the float32 values (never ``1 − Σ p`` in low precision). Writing is resumable and atomic per
@@ -249,19 +252,110 @@ class TeacherCache:
         a, b = int(offsets[seq]) - base, int(offsets[seq + 1]) - base
         return arrays["ids"][a:b], arrays["logprobs"][a:b], arrays["tail"][a:b]
 
-    def batch(self, indices, offsets: np.ndarray, width: int):
-        """Padded ``(B, width, k)`` ids (int64) and log-probs (float32), ``(B, width)`` tail."""
-        n = len(indices)
+    def batch(self, rows, offsets: np.ndarray, width: int):
+        """Padded ``(B, width, k)`` ids (int64) and log-probs (float32), ``(B, width)`` tail, for
+        ``rows``: per batch row, the sequences it holds one after another from position 0 (a list
+        of one for an unpacked row)."""
+        n = len(rows)
         # Padding positions (masked out of the loss) still hold valid targets: distinct ids and a
         # uniform distribution, so the loss's checks of ids and mass pass on every row.
         ids = np.broadcast_to(np.arange(self.k, dtype=np.int64), (n, width, self.k)).copy()
         logp = np.full((n, width, self.k), -math.log(self.k), dtype=np.float32)
         tail = np.full((n, width), -math.inf, dtype=np.float32)
-        for row, i in enumerate(indices):
-            r_ids, r_logp, r_tail = self.rows(int(i), offsets)
-            L = len(r_ids)
-            ids[row, :L], logp[row, :L], tail[row, :L] = r_ids, r_logp, r_tail
+        for row, members in enumerate(rows):
+            at = 0
+            for i in members:
+                r_ids, r_logp, r_tail = self.rows(int(i), offsets)
+                end = at + len(r_ids)
+                ids[row, at:end], logp[row, at:end], tail[row, at:end] = r_ids, r_logp, r_tail
+                at = end
         return torch.from_numpy(ids), torch.from_numpy(logp), torch.from_numpy(tail)
+
+
+# ---- training from a cache: what a task needs ---------------------------------------------------
+
+
+class TeacherCacheTask:
+    """Mixin of the tasks whose teacher can be cached (``clm``, ``llm``: the same tokens every
+    epoch, vocabulary logits): writing (``cache_sequences``, ``cache_batch``) and training
+    (``use_teacher_cache``, ``attach_teacher_targets``, ``sparse_teacher_loss``) from a cache.
+
+    The cache is keyed by the task's *sequences*, which by default are its examples; a task whose
+    training rows are not its sequences (``llm`` with packing) overrides ``cache_sequences``,
+    ``cache_batch`` and ``cache_rows``."""
+
+    supports_teacher_cache = True
+    cached_teacher: TeacherCache | None = None
+    cache_offsets: np.ndarray | None = None
+
+    def cache_sequences(self, data):
+        """The sequences of ``data`` the cache holds: ``offsets``, ``meta["key"]``, ``len``."""
+        return data
+
+    def cache_batch(self, sequences, indices):
+        """Sequences ``indices``, one per row, right-padded: a batch whose ``attention_mask`` is
+        ``(B, W)`` with each row's tokens first, for the teacher's forward."""
+        return self.collate(sequences, indices, stream=0)
+
+    def cache_rows(self, data, indices) -> list:
+        """Per row of the batch ``indices`` of ``data``, the sequences it holds, in order."""
+        return [[int(i)] for i in indices]
+
+    @property
+    def capture_temperature(self) -> float:
+        return float(self.cached_teacher.manifest["capture_temperature"])
+
+    def use_teacher_cache(self, path: str, tokenizer, train_data) -> None:
+        """Open the cache at ``path`` for ``train_data``: a cache for other data, tokenizer,
+        settings or k is refused naming what differs."""
+        from fastdistill.train import cache
+
+        sequences = self.cache_sequences(train_data)
+        want = {
+            "k": self.cfg.teacher_top_k,
+            "data_key": sequences.meta["key"],
+            "tokenizer": cache.tokenizer_fingerprint(tokenizer),
+            "vocab_size": None,  # ids beyond the student's vocabulary are refused by the loss
+            "num_sequences": len(sequences),
+            "num_tokens": int(sequences.offsets[-1]),
+        }
+        self.cached_teacher = TeacherCache.open(path, want)
+        self.cache_offsets = sequences.offsets
+        captured = self.capture_temperature
+        if self.cfg.topk_normalization == "tail" and captured != self.cfg.temperature:
+            raise ValueError(
+                f"topk_normalization tail needs temperature = the capture temperature of the "
+                f"cache ({captured}), got {self.cfg.temperature}"
+            )
+
+    def attach_teacher_targets(self, batch, data, indices, *, stream: int):
+        """``batch`` with the cached targets of its rows (training batches only, ``stream`` > 0)."""
+        if self.cached_teacher is not None and stream > 0:
+            width = batch.input_ids.shape[1]
+            rows = self.cache_rows(data, indices)
+            batch.teacher_topk = self.cached_teacher.batch(rows, self.cache_offsets, width)
+        return batch
+
+    def sparse_teacher_loss(self, logits, batch, w, *, mask, alpha_ce: float, t2_scale: bool):
+        """Forward KL to the cached targets over ``mask`` (× T² with ``t2_scale``) + the hard
+        loss on ``batch.labels``, on materialised logits (``topk_distillation_loss``)."""
+        from fastdistill import losses as FL
+
+        cfg, world = self.cfg, w["world"]
+        ids, logprobs, tail = batch.teacher_topk
+        total, kd, ce = FL.topk_distillation_loss(
+            logits, ids, logprobs, teacher_tail=tail, labels=batch.labels, mask=mask,
+            normalization=cfg.topk_normalization, temperature=cfg.temperature,
+            capture_temperature=self.capture_temperature, t2_scale=t2_scale,
+            alpha_kd=cfg.alpha_kl * w["kl"] * world, alpha_ce=alpha_ce * w["ce"] * world,
+        )  # fmt: skip
+        return total, logged_terms(kd, ce, w)
+
+
+def logged_terms(kd: torch.Tensor, ce: torch.Tensor, w) -> torch.Tensor:
+    """The four logged terms (kl, ce, mse, cos) of a loss with a divergence and a hard term."""
+    zero = kd.new_zeros(())
+    return torch.stack([kd * w["kl"], ce * w["ce"], zero, zero]).float()
 
 
 # ---- the command: fastdistill-train --write-teacher-cache DIR -------------------------------------
@@ -286,17 +380,18 @@ def write(cfg, out_dir: str | os.PathLike) -> dict[str, Any]:
         if not task.supports_teacher_cache:
             raise ValueError(
                 f"--task {cfg.task} cannot use a teacher cache: its teacher sees inputs that "
-                "change from epoch to epoch (or has no vocabulary logits); use --task clm"
+                "change from epoch to epoch (or has no vocabulary logits); use --task clm or llm"
             )
         tokenizer = loading.tokenizer_for(cfg, task)
         teacher = loading.teacher_for(cfg, task)
         data = loading.data_everywhere(task, tokenizer, {"train": cfg.train_files}, procs)["train"]
-        plan = _plan(cfg, tokenizer, teacher, data)
+        sequences = task.cache_sequences(data)
+        plan = _plan(cfg, tokenizer, teacher, sequences)
         out = Path(out_dir)
         if procs.is_main:
             prepare_dir(out, plan)
         procs.barrier()
-        rate = _write_shards(out, plan, task, teacher, data, procs, cfg)
+        rate = _write_shards(out, plan, task, teacher, sequences, procs, cfg)
         procs.barrier()
         manifest = write_manifest(out, plan) if procs.is_main else {}
     summary = {
@@ -327,7 +422,7 @@ def _plan(cfg, tokenizer, teacher, data) -> CachePlan:
         teacher=teacher_fingerprint(cfg.teacher),
         vocab_size=vocab,
         num_sequences=len(data),
-        num_tokens=data.num_tokens,
+        num_tokens=int(data.offsets[-1]),
         shard_sequences=SHARD_SEQUENCES,
         ids_dtype="uint16" if vocab <= 65536 else "int32",
     )
@@ -364,13 +459,15 @@ def _shard_arrays(plan: CachePlan, task, teacher, data, j: int, batch_size: int)
     ids, logp, tail = [], [], []
     for start in range(first, last, batch_size):
         idx = list(range(start, min(last, start + batch_size)))
-        batch = task.collate(data, idx, stream=0).to(task.device)
+        batch = task.cache_batch(data, idx).to(task.device)
         logits = teacher(**batch.model_inputs(teacher)).logits
-        b_ids, b_logp, b_tail = top_k(logits, plan.k, plan.capture_temperature)
-        keep = batch.attention_mask.bool()  # right-padded: row r's first len(seq r) positions
-        ids.append(b_ids[keep].cpu())
-        logp.append(b_logp[keep].cpu())
-        tail.append(b_tail[keep].cpu())
+        # Right-padded: row r's first len(seq r) positions. One row at a time, so the float32
+        # log-probabilities are one sequence's (length, V), not the batch's.
+        for row, length in enumerate(batch.attention_mask.sum(1).tolist()):
+            r_ids, r_logp, r_tail = top_k(logits[row, :length], plan.k, plan.capture_temperature)
+            ids.append(r_ids.cpu())
+            logp.append(r_logp.cpu())
+            tail.append(r_tail.cpu())
     return {
         "ids": torch.cat(ids).numpy().astype(plan.ids_dtype),
         "logprobs": torch.cat(logp).numpy().astype(plan.logprobs_dtype),
