@@ -8,6 +8,13 @@ Loss per target position: ``alpha_kl · D(teacher, student) + alpha_ce · CE``, 
 target positions. The logits are the models' own outputs, so a final-logit softcap or logit scale
 in the model config is already applied. The teacher runs in inference mode, in bf16 by default;
 its logits are widened to the student's dtype before the loss (never rounded further).
+
+With ``--teacher-cache`` the teacher is not loaded: its stored top-k log-probabilities per token
+(``--write-teacher-cache``, one entry per token of each example, written from unpacked examples)
+are the targets, D is then the forward KL of ``--topk-normalization`` (the cache holds no other
+divergence), through ``linear_topk_distillation_loss`` (``fused_linear``) or
+``topk_distillation_loss`` (the logits). Packed rows take each member example's cached rows at its
+positions: packing isolates the sequences, so a packed sequence's teacher is its unpacked one.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from fastdistill.train.fields import option
 from fastdistill.train.tasks.base import Task, TaskOptions
 from fastdistill.train.tasks.llm import data as LD
 from fastdistill.train.tasks.text import Means, add_logit_metrics, eval_mode
+from fastdistill.train.teacher_cache import TeacherCacheTask, logged_terms
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 TEACHER_DTYPES = ("bfloat16", "float16", "float32")
@@ -74,7 +82,7 @@ class LLMOptions(TaskOptions):
         fields.choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
 
 
-class LLMTask(Task):
+class LLMTask(TeacherCacheTask, Task):
     name = "llm"
     help = "decoder LLM (Llama/Qwen/Mistral/Gemma/GPT-2) on text or chat JSON lines"
     Options = LLMOptions
@@ -87,7 +95,7 @@ class LLMTask(Task):
 
     @classmethod
     def fill_defaults(cls, cfg) -> None:
-        teacher = cfg.teacher is not None
+        teacher = cfg.teacher is not None or cfg.teacher_cache is not None
         if cfg.alpha_kl is None:
             cfg.alpha_kl = 1.0 if teacher else 0.0
         if cfg.alpha_cos is None:
@@ -114,6 +122,12 @@ class LLMTask(Task):
             )
         if o.fused_linear and o.vocab == "common":
             raise ValueError("fused_linear needs one vocabulary: pass --no-fused-linear")
+        if cfg.teacher_cache is not None and o.divergence != "forward_kl":
+            raise ValueError(
+                f"--teacher-cache holds the teacher's top-k log-probabilities, which give the "
+                f"forward KL only (--topk-normalization picks how), not divergence "
+                f"{o.divergence}: pass --divergence forward_kl, or train with the live --teacher"
+            )
 
     @classmethod
     def has_training_signal(cls, cfg) -> bool:
@@ -178,7 +192,19 @@ class LLMTask(Task):
         return {"kl": counts, "ce": counts}
 
     def collate(self, rows, indices, *, stream):
-        return LD.collate(rows, indices, pad_id=self.pad_id, packed=self.opts.packing)
+        batch = LD.collate(rows, indices, pad_id=self.pad_id, packed=self.opts.packing)
+        return self.attach_teacher_targets(batch, rows, indices, stream=stream)
+
+    # The teacher cache holds examples, whatever the packing (TeacherCacheTask).
+
+    def cache_sequences(self, rows):
+        return rows.examples
+
+    def cache_batch(self, examples, indices):
+        return LD.collate_examples(examples, indices, pad_id=self.pad_id)
+
+    def cache_rows(self, rows, indices) -> list:
+        return [rows.members[i] for i in indices]
 
     # ---- the step --------------------------------------------------------------------------------------
 
@@ -196,6 +222,11 @@ class LLMTask(Task):
     def loss(self, s_out, t_out, batch, w):
         if self.opts.fused_linear:
             return self._linear_loss(s_out, t_out, batch, w)
+        if batch.teacher_topk is not None:  # the cache's forward KL at T, no T² (LLM convention)
+            return self.sparse_teacher_loss(
+                s_out.logits, batch, w, mask=batch.loss_mask, alpha_ce=self.opts.alpha_ce,
+                t2_scale=False,
+            )  # fmt: skip
         cfg, o, world = self.cfg, self.opts, w["world"]
         s_logits = s_out.logits
         teacher = t_out is not None
@@ -215,15 +246,34 @@ class LLMTask(Task):
         )
         if total is None:  # no target in this micro-batch: still a graph for DDP
             total = s_logits.sum() * 0.0
-        zero = kd.new_zeros(())
-        return total, torch.stack([kd * w["kl"], ce * w["ce"], zero, zero]).float()
+        return total, logged_terms(kd, ce, w)
 
     def _linear_loss(self, s_out, t_out, batch, w):
-        """The same losses from hidden states and heads (fastdistill.losses.linear_distillation_loss);
-        a final-logit softcap or logit scale of the model config is applied there."""
+        """The same losses from hidden states and heads (fastdistill.losses.linear_distillation_loss,
+        or linear_topk_distillation_loss against a teacher cache); a final-logit softcap or logit
+        scale of the model config is applied there."""
         cfg, o, world = self.cfg, self.opts, w["world"]
         head = self.student.get_output_embeddings()
-        h = s_out.hidden_states[-1]
+        h = s_out.hidden_states[-1].to(head.weight.dtype)  # autocast may hand bf16 states
+        config = self.student.config
+        common = dict(
+            student_bias=head.bias,
+            labels=batch.labels,
+            temperature=cfg.temperature,
+            t2_scale=False,
+            alpha_ce=o.alpha_ce * w["ce"] * world,
+            softcap=getattr(config, "final_logit_softcapping", None),
+            logit_scale=getattr(config, "logit_scale", None),
+        )
+        alpha_kd = cfg.alpha_kl * w["kl"] * world
+        if batch.teacher_topk is not None:
+            ids, logprobs, tail = batch.teacher_topk
+            total, kd, ce = FL.linear_topk_distillation_loss(
+                h, head.weight, ids, logprobs, teacher_tail=tail, alpha_kd=alpha_kd,
+                normalization=cfg.topk_normalization,
+                capture_temperature=self.capture_temperature, **common,
+            )  # fmt: skip
+            return total, logged_terms(kd, ce, w)
         teacher = {}
         if t_out is not None:
             t_head = self.teacher.get_output_embeddings()
@@ -232,24 +282,11 @@ class LLMTask(Task):
                 teacher_weight=t_head.weight,
                 teacher_bias=t_head.bias,
             )
-        config = self.student.config
         total, kd, ce = FL.linear_distillation_loss(
-            h.to(head.weight.dtype),  # autocast may hand bf16 states to an fp32 head
-            head.weight,
-            student_bias=head.bias,
-            labels=batch.labels,
-            divergence=o.divergence,
-            beta=o.beta,
-            temperature=cfg.temperature,
-            t2_scale=False,
-            alpha_kd=cfg.alpha_kl * w["kl"] * world if t_out is not None else 0.0,
-            alpha_ce=o.alpha_ce * w["ce"] * world,
-            softcap=getattr(config, "final_logit_softcapping", None),
-            logit_scale=getattr(config, "logit_scale", None),
-            **teacher,
-        )
-        zero = kd.new_zeros(())
-        return total, torch.stack([kd * w["kl"], ce * w["ce"], zero, zero]).float()
+            h, head.weight, divergence=o.divergence, beta=o.beta,
+            alpha_kd=alpha_kd if t_out is not None else 0.0, **teacher, **common,
+        )  # fmt: skip
+        return total, logged_terms(kd, ce, w)
 
     # ---- evaluation -------------------------------------------------------------------------------------
 

@@ -264,6 +264,9 @@ class LLMBatch:
     position_ids: torch.Tensor  # (B, W), restarting per packed sequence
     labels: torch.Tensor  # (B, W), the next token where it is a target, else IGNORE_INDEX
     num_tokens: int
+    # From a teacher cache: (ids (B, W, k) int64, log-probs (B, W, k) float32, tail (B, W)), each
+    # position holding its own sequence's targets (fastdistill/train/teacher_cache.py).
+    teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def loss_mask(self) -> torch.Tensor:
@@ -279,6 +282,7 @@ class LLMBatch:
             mv(self.position_ids),
             mv(self.labels),
             self.num_tokens,
+            None if self.teacher_topk is None else tuple(mv(t) for t in self.teacher_topk),
         )
 
     def model_inputs(self, model) -> dict[str, torch.Tensor]:
@@ -291,6 +295,12 @@ class LLMBatch:
             "attention_mask": mask,
             "position_ids": self.position_ids,
         }
+
+
+def collate_examples(examples: Examples, indices, *, pad_id: int) -> LLMBatch:
+    """Examples ``indices``, one per row, right-padded (what a teacher cache is written from)."""
+    rows = Rows(examples, [np.array([int(i)]) for i in indices])
+    return collate(rows, range(len(rows)), pad_id=pad_id, packed=False)
 
 
 def collate(rows: Rows, indices, *, pad_id: int, packed: bool) -> LLMBatch:
