@@ -13,6 +13,7 @@ from fastdistill.ops import (  # noqa: F401
     jsd,
     kl_div,
     linear_distillation,
+    linear_topk_distillation,
     mse,
     reverse_kl,
     topk_kl,

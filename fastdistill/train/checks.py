@@ -118,11 +118,7 @@ def _validate_models(c) -> None:
 
 
 def _validate_teacher_cache(c) -> None:
-    if not c.task_class().supports_teacher_cache:
-        raise ValueError(
-            f"--task {c.task} cannot train from a teacher cache: its teacher's inputs change from "
-            "epoch to epoch or it has no vocabulary logits (use --task clm)"
-        )
+    require_teacher_cache_support(c.task, c.task_class())
     if not (c.student_config or c.student_pretrained):
         raise ValueError(
             "--teacher-cache: give --student-config or --student-pretrained (the teacher is not "
@@ -135,3 +131,16 @@ def _validate_teacher_cache(c) -> None:
         )
     if c.tokenizer is None and c.teacher is None:
         raise ValueError("--teacher-cache: give --tokenizer (the teacher's)")
+
+
+def require_teacher_cache_support(name: str, task_class) -> None:
+    """A ValueError naming the tasks that can use a teacher cache, unless ``task_class`` can."""
+    if task_class.supports_teacher_cache:
+        return
+    from fastdistill.train.tasks import all_tasks  # the registry imports this module
+
+    able = ", ".join(t.name for t in all_tasks() if t.supports_teacher_cache)
+    raise ValueError(
+        f"--task {name} cannot use a teacher cache: its teacher's inputs change from epoch to "
+        f"epoch or it has no vocabulary logits (tasks that can: {able})"
+    )

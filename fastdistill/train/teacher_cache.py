@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastdistill.train import fsutil
+from fastdistill.train import checks, fsutil
 
 log = logging.getLogger(__name__)
 
@@ -376,12 +376,8 @@ def write(cfg, out_dir: str | os.PathLike) -> dict[str, Any]:
     procs = Processes.from_env()
     with process_group(procs, cfg.device):
         device = select_device(cfg.device, procs.local_rank)
+        checks.require_teacher_cache_support(cfg.task, cfg.task_class())
         task = cfg.task_class()(cfg, device)
-        if not task.supports_teacher_cache:
-            raise ValueError(
-                f"--task {cfg.task} cannot use a teacher cache: its teacher sees inputs that "
-                "change from epoch to epoch (or has no vocabulary logits); use --task clm or llm"
-            )
         tokenizer = loading.tokenizer_for(cfg, task)
         teacher = loading.teacher_for(cfg, task)
         data = loading.data_everywhere(task, tokenizer, {"train": cfg.train_files}, procs)["train"]

@@ -192,7 +192,8 @@ class Task:
 
     def use_teacher_cache(self, path: str, tokenizer, train_data) -> None:
         """Take the teacher's targets for ``train_data`` from the cache at ``path`` (the teacher
-        is not loaded); tasks with ``supports_teacher_cache`` implement it."""
+        is not loaded); tasks with ``supports_teacher_cache`` implement it, most simply by
+        mixing in fastdistill/train/teacher_cache.py's ``TeacherCacheTask`` (as clm and llm do)."""
         raise ValueError(f"--task {self.name} cannot train from a teacher cache")
 
     # ---- the step ------------------------------------------------------------------------------------
