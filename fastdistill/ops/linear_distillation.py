@@ -21,6 +21,11 @@ writes d total/d logits for that chunk, and two more GEMMs add the chunk's share
 (rows of the chunk) and d W (accumulated in float32). Alive at once: the chunk's student and
 teacher logits and their gradient, 3 · C · V floats, whatever N. Nothing is read back to the
 host: per-chunk sums and the count stay on the device, 1/n scales the gradients once at the end.
+With bf16/fp16 inputs on CUDA the forward GEMMs take the inputs as they are and write float32
+(``fp32_output_gemm``): the teacher's head is never widened, the student's only for the backward
+GEMMs, which keep the exact float32 logits gradient. On CPU both heads are widened to float32
+(PyTorch's CPU build has no half-precision GEMM with a float32 output), which makes bf16 as slow
+as fp32 there.
 
 The chunk loop (``run_linear_chunks``), the normalisation, the fake outputs and the autograd rule
 are shared with ``fastdistill::linear_topk_distillation`` (ops/linear_topk_distillation.py), whose
@@ -85,9 +90,29 @@ def _wide(x: Tensor | None) -> Tensor | None:
     return x if x is None or x.dtype == _F32 else x.float()
 
 
-def _logits_into(out: Tensor, hidden: Tensor, weight32: Tensor, bias32: Tensor | None) -> Tensor:
-    """out = hidden · weightᵀ (+ bias), float32, written into the chunk buffer."""
-    torch.mm(_wide(hidden), weight32.t(), out=out)
+def fp32_output_gemm(hidden: Tensor | None, weight: Tensor | None) -> bool:
+    """Whether ``hidden · weightᵀ`` can run on the half-precision inputs with a float32 output
+    (cuBLAS accumulates in fp32: the same logits as the fp32 GEMM of the widened inputs, at the
+    half-precision GEMM's speed and without a float32 copy of the head). CUDA only: PyTorch's CPU
+    build has no kernel for ``torch.mm(..., out_dtype=)``, so on CPU the inputs are widened."""
+    return (
+        hidden is not None
+        and weight is not None
+        and hidden.device.type == "cuda"
+        and hidden.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == hidden.dtype
+    )
+
+
+def _logits_into(
+    out: Tensor, hidden: Tensor, weight: Tensor, weight32: Tensor | None, bias32: Tensor | None
+) -> Tensor:
+    """out = hidden · weightᵀ (+ bias), float32, written into the chunk buffer: from the inputs
+    as they are when ``weight32`` is None (see fp32_output_gemm), else from their fp32 widening."""
+    if weight32 is None:
+        torch.mm(hidden, weight.t(), out_dtype=_F32, out=out)
+    else:
+        torch.mm(_wide(hidden), weight32.t(), out=out)
     if bias32 is not None:
         out.add_(bias32)
     return out
@@ -128,7 +153,9 @@ def run_linear_chunks(
     device = student_hidden.device
     grad_hidden, grad_weight, grad_bias = wanted
     any_grad = any(wanted)
+    # The backward GEMMs take the float32 logits gradient: they need the widened weight.
     w32, b32 = _wide(student_weight), _wide(student_bias)
+    fwd_w32 = None if fp32_output_gemm(student_hidden, student_weight) else w32
     logits_buf = _empty_f32(rows, v, device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # total, kd, ce
     d_h = torch.empty(student_hidden.shape, dtype=_F32, device=device) if grad_hidden else None
@@ -137,7 +164,7 @@ def run_linear_chunks(
     for start in range(0, n, rows):
         sl = slice(start, min(start + rows, n))
         h = student_hidden[sl]
-        s = _logits_into(logits_buf[: h.shape[0]], h, w32, b32)
+        s = _logits_into(logits_buf[: h.shape[0]], h, student_weight, fwd_w32, b32)
         lab = labels[sl] if labels is not None else None
         sel = lab != ignore_index if lab is not None else None
         part, g = chunk_loss(s, sl, lab, sel, any_grad)
@@ -157,13 +184,13 @@ def run_linear_chunks(
                    (d_h, d_w, d_b))  # fmt: skip
 
 
-def _teacher_chunk(buf, sl, teacher_hidden, teacher_w32, teacher_b32, teacher_logits):
+def _teacher_chunk(buf, sl, teacher_hidden, teacher_w, teacher_w32, teacher_b32, teacher_logits):
     if teacher_logits is not None:
         part = teacher_logits[sl]
         return part if part.dtype == _F32 else buf[: part.shape[0]].copy_(part)
     if teacher_hidden is not None:
         h = teacher_hidden[sl]
-        return _logits_into(buf[: h.shape[0]], h, teacher_w32, teacher_b32)
+        return _logits_into(buf[: h.shape[0]], h, teacher_w, teacher_w32, teacher_b32)
     return None
 
 
@@ -201,8 +228,11 @@ def linear_distillation(
     device = student_hidden.device
     kd, ce = alpha_kd > 0, alpha_ce > 0
     rows = chunk_rows(chunk_size, n, v, device)
-    tw32, tb32 = (_wide(teacher_weight), _wide(teacher_bias)) if kd else (None, None)
     th = teacher_hidden if kd else None
+    # The teacher's head is only multiplied forward: no float32 copy where the GEMM can do without.
+    widen_teacher = kd and not fp32_output_gemm(th, teacher_weight)
+    tw32 = _wide(teacher_weight) if widen_teacher else None
+    tb32 = _wide(teacher_bias) if kd else None
     tl = teacher_logits if kd else None
     needs_buffer = th is not None or (tl is not None and tl.dtype != _F32)
     teacher_buf = _empty_f32(rows, v, device) if needs_buffer else None
@@ -215,7 +245,7 @@ def linear_distillation(
     transform = Transform(logit_scale, softcap)
 
     def chunk_loss(s, sl, lab, sel, compute_grad):
-        t = _teacher_chunk(teacher_buf, sl, th, tw32, tb32, tl)
+        t = _teacher_chunk(teacher_buf, sl, th, teacher_weight, tw32, tb32, tl)
         res = run_fused_logits(
             "distillation_divergence", s, t, lab if ce else None, sel if kd else None,
             terms=terms, compute_grad=compute_grad, temperature=temperature,
