@@ -94,10 +94,27 @@ void call_kernel(F&& f) {
   }
 }
 
+// The divergence term and the logit transforms: the same fields in the CPU and the CUDA argument
+// structs (csrc/cpu/kernels.h, csrc/cuda/kernels_cuda.h).
+template <typename Args>
+void set_divergence(Args& a, int divergence, float beta, float one_minus_beta, bool t2_scale,
+                    float logit_scale, float softcap) {
+  a.divergence = divergence;
+  a.beta = beta;
+  a.one_minus_beta = one_minus_beta;
+  a.t2_scale = t2_scale;
+  a.logit_scale = logit_scale;
+  a.softcap = softcap;
+}
+
 // ---- CUDA entry points ------------------------------------------------------------------------
 static_assert(int{gpu::kGpuFloat32} == int{kFloat32} && int{gpu::kGpuBFloat16} == int{kBFloat16} &&
                   int{gpu::kGpuFloat16} == int{kFloat16},
               "csrc/cuda/kernels_cuda.h and csrc/cpu/simd_math.h disagree on dtype codes");
+static_assert(int{gpu::kGpuForwardKL} == int{kForwardKL} &&
+                  int{gpu::kGpuReverseKL} == int{kReverseKL} && int{gpu::kGpuJSD} == int{kJSD} &&
+                  int{gpu::kGpuTVD} == int{kTVD},
+              "csrc/cuda/kernels_cuda.h and csrc/cpu/kernels.h disagree on divergence codes");
 
 [[noreturn]] void no_cuda() {
   throw std::runtime_error(
@@ -242,12 +259,7 @@ PYBIND11_MODULE(_C, m) {
          int divergence, float beta, float one_minus_beta, bool t2_scale, float logit_scale,
          float softcap, double normalizer) {
         FusedLogitsArgs a;
-        a.divergence = divergence;
-        a.beta = beta;
-        a.one_minus_beta = one_minus_beta;
-        a.t2_scale = t2_scale;
-        a.logit_scale = logit_scale;
-        a.softcap = softcap;
+        set_divergence(a, divergence, beta, one_minus_beta, t2_scale, logit_scale, softcap);
         a.normalizer = normalizer;
         a.student = ptr<void>(student);
         a.student_row_stride = student_row_stride;
@@ -327,8 +339,10 @@ PYBIND11_MODULE(_C, m) {
          int64_t cols, int dtype, float temperature, int64_t ignore_index, bool use_kl,
          bool use_ce, bool use_mse, std::uintptr_t scales, std::uintptr_t row_kl,
          std::uintptr_t row_ce, std::uintptr_t row_mse, std::uintptr_t grad,
-         std::uintptr_t stream) {
+         std::uintptr_t stream, int divergence, float beta, float one_minus_beta, bool t2_scale,
+         float logit_scale, float softcap) {
         gpu::FusedLogitsArgs a;
+        set_divergence(a, divergence, beta, one_minus_beta, t2_scale, logit_scale, softcap);
         a.student = ptr<void>(student);
         a.student_row_stride = student_row_stride;
         a.teacher = ptr<void>(teacher);
@@ -356,7 +370,11 @@ PYBIND11_MODULE(_C, m) {
       py::arg("cols"), py::arg("dtype"), py::arg("temperature"), py::arg("ignore_index"),
       py::arg("use_kl"), py::arg("use_ce"), py::arg("use_mse"), py::arg("scales"),
       py::arg("row_kl"), py::arg("row_ce"), py::arg("row_mse"), py::arg("grad"),
-      py::arg("stream"));
+      py::arg("stream"),
+      // The divergence term and logit transforms (as fused_logits above; the defaults are
+      // T^2 forward KL on untransformed logits).
+      py::arg("divergence") = 0, py::arg("beta") = 0.5f, py::arg("one_minus_beta") = 0.5f,
+      py::arg("t2_scale") = true, py::arg("logit_scale") = 1.0f, py::arg("softcap") = 0.0f);
 
   m.def(
       "cosine_cuda",

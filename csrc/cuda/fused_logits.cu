@@ -1,6 +1,9 @@
 // CUDA kernel for the logits losses: KL at temperature T (x T^2), hard cross-entropy and logit
-// MSE, any subset of them, reading each (student, teacher) row pair at most twice. kl_div_loss,
-// cross_entropy, mse_loss and distillation_loss on CUDA tensors are all this kernel.
+// MSE, any subset of them, reading each (student, teacher) row pair at most twice (three times for
+// the divergences below whose gradient needs a row sum). kl_div_loss, cross_entropy, mse_loss and
+// distillation_loss on CUDA tensors are all this kernel; the LLM divergences (reverse KL, JSD,
+// TVD), t2_scale off and the logit transforms are the same row loop with template switches (see
+// "Divergences and logit transforms" below).
 //
 // Per row (s, t = student and teacher logits, fp32 math, c = log2(e)/T):
 //   kl  = T^2 sum_j p_t,j (log p_t,j - log p_s,j),  p = softmax(x/T)    rows with mask != 0
@@ -39,8 +42,26 @@
 // Rows whose softmax is undefined (NaN or +inf anywhere, or all -inf) give NaN for the KL/CE value
 // and a NaN gradient row; -inf entries are ordinary (p = 0). A label outside [0, cols) that is
 // not ignore_index gives NaN as well: the host cannot raise without a synchronisation.
+//
+// Divergences and logit transforms (template parameters DIV and XF of logits_row; the kernels with
+// DIV = forward KL and XF off are the ones above, unchanged). XF: both sides' logits go through
+// x' = x logit_scale, then softcap tanh(x' / softcap) when softcap > 0, as they are loaded; every
+// term sees x', and the gradient is multiplied by dx'/dx (4e / (1 + e)^2 times logit_scale with
+// e = e^(-2|x logit_scale / softcap|): accurate where tanh is close to 1). x' is rounded to fp32
+// before s' - t' is formed (as in the CPU and Triton kernels), so s' - t' is exact only without a
+// transform: close to the teacher, the transforms cost ~ulp(x') / |s' - t'| of relative accuracy.
+// t2_scale only changes the row value's factor (T^2 or 1); the gradient weight comes from the
+// host. DIV = reverse KL, JSD or TVD: the column functions of divergences.cuh give each column's
+// term and q = dD/dp_s from p_s, p_t and v = log2(p_s / p_t) (formed as above), and the gradient
+// w.r.t. z = s'/T is p_s (q - sum_k p_s,k q_k), which needs a row sum before any gradient is
+// written: pass 2 sums the terms and the correction sum_k p_s,k (q_k - q_ref), pass 3 re-reads the
+// row (reading each row pair three times) and writes p_s ((q - q_ref) - correction). q_ref is q at
+// the student's most probable column (pass 1 tracks the teacher's logit there): the correction
+// then has no large term, and that column's gradient, where p_s is close to 1 at low T, is formed
+// without cancellation.
 #include <climits>
 #include <cmath>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 
@@ -54,6 +75,9 @@ namespace {
 // of up to ~128 KiB (32k bf16 logits) in L2 between its two passes.
 constexpr int kMaxThreads = 512;
 constexpr int kMinBlocksPerSm = 2;
+// XF kernels with CE (the transforms or a divergence next to a cross-entropy) hold more per-row
+// state: one block per SM, up to 128 registers (at 64 the divergences' ones spill).
+constexpr int kMinBlocksPerSmXfCe = 1;
 constexpr int kVectorsPerThread = 4;  // below this many 16-byte vectors per thread, fewer threads
 
 constexpr float kLn2 = 0.693147180559945309f;
@@ -89,6 +113,40 @@ __device__ __forceinline__ float exp2m1_lin_small(float v) {
   return q * (v * v);
 }
 
+}  // namespace
+}  // namespace gpu
+}  // namespace fastdistill
+
+#include "cuda/divergences.cuh"
+
+namespace fastdistill {
+namespace gpu {
+namespace {
+
+// The logit transforms (XF): x' = x scale, or with `capped` x' = cap tanh(x k), k = scale / cap.
+struct Xform {
+  float scale, k, cap;
+  bool capped;
+};
+
+__device__ __forceinline__ float xform(const Xform& f, float x) {
+  if (!f.capped) return x * f.scale;
+  const float y = x * f.k;
+  const float em1 = expm1f(-2.0f * fabsf(y));  // tanh |y| = -em1 / (2 + em1): exact for small y
+  return f.cap * copysignf(-em1 / (2.0f + em1), y);
+}
+
+// x' and dfac = dx'/dx. 1 - tanh^2 = 4e / (1 + e)^2 with e = e^(-2|y|) keeps its digits where
+// tanh is close to 1 (1 - tanh^2 would be 0 there); -inf and +inf logits get dfac = 0.
+__device__ __forceinline__ float xform_grad(const Xform& f, float x, float& dfac) {
+  dfac = f.scale;
+  if (f.capped) {
+    const float e = expf(-2.0f * fabsf(x * f.k));
+    dfac *= (4.0f * e) / ((1.0f + e) * (1.0f + e));
+  }
+  return xform(f, x);
+}
+
 // Running maximum of a thread that has seen nothing but -inf (or nothing). A finite sentinel
 // rather than -inf keeps x - m and the rescale exponents free of -inf - -inf: an element x = -inf
 // gives x - m = -inf (term 0), the first finite element replaces the sentinel, and moving from
@@ -97,15 +155,17 @@ __device__ __forceinline__ float exp2m1_lin_small(float v) {
 constexpr float kEmpty = -3.402823466e38f;
 
 // Pass-1 state of one thread (see the file comment): running maxima and the sums relative to
-// them. Only the members of the active terms are used.
-template <bool KL, bool CE, bool MSE>
+// them. Only the members of the active terms are used. REF: also the teacher's logit at the
+// column of the student's running maximum (the first such column this thread saw).
+template <bool KL, bool CE, bool MSE, bool REF = false>
 struct Online {
-  float ms = kEmpty, mt = kEmpty;  // maxima of s and t (raw logits)
+  float ms = kEmpty, mt = kEmpty;  // maxima of s and t (the logits as the terms see them)
   float zs = 0.0f, zt = 0.0f, dz = 0.0f, sq = 0.0f;
   // CE: z_1 = n1 + r1, n1 = how many elements equal the maximum (each e^0 = 1, counted exactly)
   // and r1 = the sum of the others' e^(s - ms). ln z_1 = log1p((n1 - 1) + r1) then keeps its
   // digits for a confident row (z_1 ~= 1), where an fp32 z_1 would have no room for them.
   float n1 = 0.0f, r1 = 0.0f;
+  float tref = 0.0f;  // REF only
 
   // Moves the maxima to (ms2, mt2) >= (ms, mt) and rescales the sums.
   __device__ __forceinline__ void move_to(float ms2, float mt2, float c) {
@@ -144,7 +204,17 @@ struct Online {
       }
       bool grow = tx > ms;
       if constexpr (KL) grow = grow || ty > mt;
-      if (grow) move_to(fmaxf(ms, tx), KL ? fmaxf(mt, ty) : mt, c);
+      if (grow) {
+        if constexpr (REF) {
+          if (tx > ms) {
+#pragma unroll
+            for (int e = N - 1; e >= 0; --e) {
+              if (x[e] == tx) tref = y[e];
+            }
+          }
+        }
+        move_to(fmaxf(ms, tx), KL ? fmaxf(mt, ty) : mt, c);
+      }
     }
     const float dm = ms - mt;  // exact when the student is close to the teacher
 #pragma unroll
@@ -177,7 +247,7 @@ struct Coeffs {
   float kl, ce, mse;
 };
 
-// What pass 2 needs of a row, identical in every thread.
+// What pass 2 (and pass 3) need of a row, identical in every thread.
 struct RowConsts {
   float c, rs, rt, dm;  // scale, row maxima of s and t, rs - rt
   float delta;          // log2(z_s / z_t)
@@ -185,16 +255,42 @@ struct RowConsts {
   float ce_p;   // c_ce / z_1
   float g_lab;  // c_ce (p_label - 1), the CE gradient at the label
   Coeffs w;
+  Xform xf;             // XF only
+  float beta, omb;      // JSD only
+  float q_ref, s_corr;  // row-sum divergences: q at the student's maximum, the correction sum
 };
 
-// Pass 2 on one element: returns its gradient value and adds its KL term (natural log units) to
-// kl.
-template <bool KL, bool CE, bool MSE>
+// What a sweep over the row computes per element: the forward KL terms and the gradient (pass 2
+// of forward KL, CE and MSE rows), or for the other divergences the terms and the correction sum
+// (pass 2), then the gradient (pass 3).
+enum Pass : int { kTermsGrad = 0, kTerms = 1, kGrad = 2 };
+
+// A row-sum divergence's column: its term and q from the (transformed) logits x, y; p_s in ps.
+template <int DIV>
+__device__ __forceinline__ DivTerm column_term(const RowConsts& k, float x, float y, float& ps) {
+  ps = ex2((x - k.rs) * k.c) * k.inv_zs;
+  const float pt = ex2((y - k.rt) * k.c) * k.inv_zt;
+  const float v = fmaf((x - y) - k.dm, k.c, -k.delta);  // log2(ps / pt)
+  return divergence_term<DIV>(ps, pt, v, k.beta, k.omb);
+}
+
+// One element of a sweep (see Pass) on raw logits x, y: returns its gradient value (kTerms: 0)
+// and adds its divergence term (natural log units) to kl and, for kTerms, p_s (q - q_ref) to corr.
+template <int DIV, bool XF, int MODE, bool KL, bool CE, bool MSE>
 __device__ __forceinline__ float pass2_elem(const RowConsts& k, float x, float y, bool is_label,
-                                            float& kl) {
+                                            float& kl, float& corr) {
+  float dfac = 1.0f;
+  if constexpr (XF) {
+    if constexpr (MODE == kTerms) {
+      x = xform(k.xf, x);
+    } else {
+      x = xform_grad(k.xf, x, dfac);
+    }
+    if constexpr (KL || MSE) y = xform(k.xf, y);
+  }
   float gv = 0.0f;
   const float xd = x - k.rs;
-  if constexpr (KL) {
+  if constexpr (KL && DIV == kGpuForwardKL) {
     const float ps = ex2(xd * k.c) * k.inv_zs;
     const float pt = ex2((y - k.rt) * k.c) * k.inv_zt;
     const float v = fmaf((x - y) - k.dm, k.c, -k.delta);  // log2(ps / pt)
@@ -210,18 +306,31 @@ __device__ __forceinline__ float pass2_elem(const RowConsts& k, float x, float y
     const float direct = fmaf(-fmaxf(pt, kTinyPt), vc, dd);
     kl += small ? pt * phi : direct;
     gv = k.w.kl * (small ? pt * (vn + phi) : dd);
+  } else if constexpr (KL) {
+    float ps;
+    const DivTerm dt = column_term<DIV>(k, x, y, ps);
+    const float dq = dt.q - k.q_ref;  // exactly 0 at the reference column
+    if constexpr (MODE == kTerms) {
+      kl += dt.loss;
+      corr = fmaf(ps, dq, corr);
+    } else {
+      gv = k.w.kl * (ps * (dq - k.s_corr));
+    }
   }
-  if constexpr (CE) gv += is_label ? k.g_lab : k.ce_p * ex2(xd * kLog2e);
-  if constexpr (MSE) gv = fmaf(k.w.mse, x - y, gv);
+  if constexpr (MODE != kTerms) {
+    if constexpr (CE) gv += is_label ? k.g_lab : k.ce_p * ex2(xd * kLog2e);
+    if constexpr (MSE) gv = fmaf(k.w.mse, x - y, gv);
+    if constexpr (XF) gv *= dfac;
+  }
   return gv;
 }
 
-// Pass 2 on a 16-byte vector pair; returns the gradient vector. Each 32-bit word is packed as
+// pass2_elem on a 16-byte vector pair; returns the gradient vector. Each 32-bit word is packed as
 // soon as its elements are done, which keeps few gradient values live (no spills at 8 per vector).
 // lab_off = label - (column of element 0).
-template <typename F, bool KL, bool CE, bool MSE>
+template <typename F, int DIV, bool XF, int MODE, bool KL, bool CE, bool MSE>
 __device__ __forceinline__ uint4 pass2_vec(const RowConsts& k, const uint4& xs, const uint4& ys,
-                                           int lab_off, float& kl) {
+                                           int lab_off, float& kl, float& corr) {
   constexpr int kPerWord = F::kVec / 4;
   uint32_t w[4];
 #pragma unroll
@@ -230,7 +339,8 @@ __device__ __forceinline__ uint4 pass2_vec(const RowConsts& k, const uint4& xs, 
 #pragma unroll
     for (int h = 0; h < kPerWord; ++h) {
       const int e = i * kPerWord + h;
-      g[h] = pass2_elem<KL, CE, MSE>(k, F::get(xs, e), F::get(ys, e), lab_off == e, kl);
+      g[h] = pass2_elem<DIV, XF, MODE, KL, CE, MSE>(k, F::get(xs, e), F::get(ys, e), lab_off == e,
+                                                    kl, corr);
     }
     w[i] = F::put_word(g);
   }
@@ -247,87 +357,127 @@ struct Params {
   int64_t rows;
   int cols;
   float c;     // log2(e) / T
-  float t_sq;  // T^2
+  float t_sq;  // the divergence's factor: T^2, or 1 without t2_scale
   int64_t ignore_index;
   const float* scales;
   float* row_kl;
   float* row_ce;
   float* row_mse;
   void* grad;
+  Xform xf;         // the logit transforms (kernels with XF)
+  float beta, omb;  // JSD's weights
 };
 
 struct Smem {  // one buffer per reduction of a row (common.cuh, block_reduce)
   float max[2 * kWarp];
+  float ref[kWarp];
   float sum[6 * kWarp];
-  float kl[kWarp];
+  float kl[2 * kWarp];
 };
 
-// One row with the terms KL/CE/MSE switched on (a subset of the kernel's terms: the row's
-// selection). Writes the row values of those terms and the gradient row (if any).
-template <typename F, bool KL, bool CE, bool MSE>
-__device__ __forceinline__ void logits_row(const Params& p, int64_t r, int64_t label, Smem& sm) {
-  using Raw = typename F::Raw;
-  constexpr int W = F::kVec;
-  constexpr bool kTeacher = KL || MSE;
-  const int cols = p.cols;
-  const int tid = threadIdx.x, nthreads = blockDim.x;
-  const Raw* s = static_cast<const Raw*>(p.student) + r * p.student_row_stride;
-  const Raw* t = kTeacher ? static_cast<const Raw*>(p.teacher) + r * p.teacher_row_stride : s;
-  Raw* g = p.grad ? static_cast<Raw*>(p.grad) + r * static_cast<int64_t>(cols) : nullptr;
-  const Span sp = row_span<Raw, W>(s, kTeacher ? t : nullptr, g, cols);
-  const uint4* sv = reinterpret_cast<const uint4*>(s + sp.head);
-  const uint4* tv = reinterpret_cast<const uint4*>(t + sp.head);
+template <bool LAST>
+__device__ __forceinline__ uint4 load16(const uint4* p) {
+  if constexpr (LAST) return __ldcs(p);
+  return __ldg(p);
+}
 
-  // ---- pass 1: maxima and sums, online ----
-  Online<KL, CE, MSE> st;
-  // Scalar elements, [0, head) and [tail, cols), in one loop (one inlined copy of the tile code):
-  // at most 2 * (W - 1) of them on the vector path, all of them on the scalar path.
+// One sweep of a thread over its share of a row pair: the scalar elements, [0, head) and
+// [tail, cols), as scalar(j, x, y) (raw fp32 values; y = 0 without a teacher), then the 16-byte
+// vector pairs as vec(k, xs, ys), first to last or (REVERSE) last to first, with the next pair
+// loaded before the current one is processed (two loads in flight per thread and input). LAST:
+// the row's last read (evict-first loads, see common.cuh).
+template <typename F, bool kTeacher, bool REVERSE, bool LAST, typename Scalar, typename Vec>
+__device__ __forceinline__ void sweep(const typename F::Raw* s, const typename F::Raw* t,
+                                      const Span& sp, int cols, Scalar&& scalar, Vec&& vec) {
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  // At most 2 * (W - 1) scalar elements on the vector path, all of them on the scalar path; one
+  // loop (one inlined copy of the element code).
   const int n_scalar = sp.head + (cols - sp.tail);
 #pragma unroll 1
   for (int i = tid; i < n_scalar; i += nthreads) {
     const int j = i < sp.head ? i : sp.tail + (i - sp.head);
-    const float x[1] = {F::ld(s, j)};
-    const float y[1] = {kTeacher ? F::ld(t, j) : 0.0f};
-    st.add(x, y, p.c);
+    const float x = LAST ? F::ld_last(s, j) : F::ld(s, j);
+    float y = 0.0f;
+    if constexpr (kTeacher) y = LAST ? F::ld_last(t, j) : F::ld(t, j);
+    scalar(j, x, y);
   }
-  if (tid < sp.nvec) {
-    // The next vector pair is loaded before the current one is processed: two loads in flight
-    // per thread and input.
-    int k = tid;
-    uint4 xs = __ldg(sv + k);
-    uint4 ys = kTeacher ? __ldg(tv + k) : xs;
+  if (tid >= sp.nvec) return;
+  const uint4* sv = reinterpret_cast<const uint4*>(s + sp.head);
+  const uint4* tv = reinterpret_cast<const uint4*>(t + sp.head);
+  int k = REVERSE ? tid + ((sp.nvec - 1 - tid) / nthreads) * nthreads : tid;
+  uint4 xs = load16<LAST>(sv + k);
+  uint4 ys = kTeacher ? load16<LAST>(tv + k) : xs;
 #pragma unroll 1
-    for (;;) {
-      const int kn = k + nthreads;
-      const bool more = kn < sp.nvec;
-      uint4 xn = xs, yn = ys;
-      if (more) {
-        xn = __ldg(sv + kn);
-        if constexpr (kTeacher) yn = __ldg(tv + kn);
-      }
-      // Tiles of 4 elements (half a 16-bit vector): 8 unpacked values live instead of 16, which
-      // is what keeps the KL + CE kernels on 16-bit inputs within 64 registers.
-#pragma unroll
-      for (int h = 0; h < W; h += 4) {
-        float x[4], y[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          x[e] = F::get(xs, h + e);
-          y[e] = kTeacher ? F::get(ys, h + e) : 0.0f;
-        }
-        st.add(x, y, p.c);
-      }
-      if (!more) break;
-      xs = xn;
-      ys = yn;
-      k = kn;
+  for (;;) {
+    const int kn = REVERSE ? k - nthreads : k + nthreads;
+    const bool more = REVERSE ? kn >= 0 : kn < sp.nvec;
+    uint4 xn = xs, yn = ys;
+    if (more) {
+      xn = load16<LAST>(sv + kn);
+      if constexpr (kTeacher) yn = load16<LAST>(tv + kn);
     }
+    vec(k, xs, ys);
+    if (!more) break;
+    xs = xn;
+    ys = yn;
+    k = kn;
   }
+}
+
+// One row with the terms KL/CE/MSE switched on (a subset of the kernel's terms: the row's
+// selection), the divergence DIV and (XF) the logit transforms. Writes the row values of those
+// terms and the gradient row (if any).
+template <typename F, int DIV, bool XF, bool KL, bool CE, bool MSE>
+__device__ __forceinline__ void logits_row(const Params& p, int64_t r, int64_t label, Smem& sm) {
+  using Raw = typename F::Raw;
+  constexpr int W = F::kVec;
+  constexpr bool kTeacher = KL || MSE;
+  constexpr bool kRowSum = KL && DIV != kGpuForwardKL;  // a row sum before the gradient
+  const int cols = p.cols;
+  const int tid = threadIdx.x;
+  const Raw* s = static_cast<const Raw*>(p.student) + r * p.student_row_stride;
+  const Raw* t = kTeacher ? static_cast<const Raw*>(p.teacher) + r * p.teacher_row_stride : s;
+  Raw* g = p.grad ? static_cast<Raw*>(p.grad) + r * static_cast<int64_t>(cols) : nullptr;
+  const Span sp = row_span<Raw, W>(s, kTeacher ? t : nullptr, g, cols);
+  auto xin = [&](float x) {  // a loaded logit as the terms see it
+    if constexpr (XF) x = xform(p.xf, x);
+    return x;
+  };
+
+  // ---- pass 1: maxima and sums, online ----
+  Online<KL, CE, MSE, kRowSum> st;
+  sweep<F, kTeacher, false, false>(
+      s, t, sp, cols,
+      [&](int, float x, float y) {
+        const float xa[1] = {xin(x)};
+        const float ya[1] = {kTeacher ? xin(y) : 0.0f};
+        st.add(xa, ya, p.c);
+      },
+      [&](int, const uint4& xs, const uint4& ys) {
+        // Tiles of 4 elements (half a 16-bit vector): 8 unpacked values live instead of 16,
+        // which is what keeps the KL + CE kernels on 16-bit inputs within 64 registers.
+#pragma unroll
+        for (int h = 0; h < W; h += 4) {
+          float x[4], y[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            x[e] = xin(F::get(xs, h + e));
+            y[e] = kTeacher ? xin(F::get(ys, h + e)) : 0.0f;
+          }
+          st.add(x, y, p.c);
+        }
+      });
 
   // ---- row maxima, every thread moved to them, row sums ----
+  float tref = 0.0f;  // kRowSum: the teacher's logit at the student's maximum
   if constexpr (KL) {
     float m[2] = {st.ms, st.mt};
     block_reduce<MaxOp, 2>(m, sm.max);
+    if constexpr (kRowSum) {  // ties: the largest teacher logit among the maximum's columns
+      float v[1] = {st.ms == m[0] ? st.tref : -kInf};
+      block_reduce<MaxOp, 1>(v, sm.ref);
+      tref = v[0];
+    }
     st.move_to(m[0], m[1], p.c);
   } else if constexpr (CE) {
     float m[1] = {st.ms};
@@ -365,7 +515,7 @@ __device__ __forceinline__ void logits_row(const Params& p, int64_t r, int64_t l
   // (fp32 is enough for these per-row scalars: sums of two same-signed terms or a log1p, to a few
   // ulp; double-precision logs would also cost registers the loops need.)
   float s_label = 0.0f;  // read by every thread: the CE gradient at the label needs it
-  if constexpr (CE) s_label = bad_ce ? 0.0f : F::ld(s, label);
+  if constexpr (CE) s_label = bad_ce ? 0.0f : xin(F::ld(s, label));
   if (tid == 0) {
     if constexpr (MSE) p.row_mse[r] = z[kSums - 1];
     if constexpr (CE) p.row_ce[r] = bad_ce ? kNaN : (st.ms - s_label) + log1pf((n1 - 1.0f) + r1);
@@ -374,7 +524,7 @@ __device__ __forceinline__ void logits_row(const Params& p, int64_t r, int64_t l
     }
   }
 
-  // ---- pass 2: KL terms and the gradient ----
+  // ---- pass 2: divergence terms and the gradient (pass 3 writes it for row-sum divergences) --
   if (pass2) {
     RowConsts kc;
     kc.c = p.c;
@@ -384,7 +534,10 @@ __device__ __forceinline__ void logits_row(const Params& p, int64_t r, int64_t l
     // Read here, not at kernel start: three registers fewer through pass 1.
     const Coeffs w = p.grad ? Coeffs{p.scales[0], p.scales[1], p.scales[2]} : Coeffs{0.f, 0.f, 0.f};
     kc.w = w;
-    kc.inv_zs = kc.inv_zt = kc.delta = kc.ce_p = 0.0f;
+    kc.xf = p.xf;
+    kc.beta = p.beta;
+    kc.omb = p.omb;
+    kc.inv_zs = kc.inv_zt = kc.delta = kc.ce_p = kc.q_ref = kc.s_corr = 0.0f;
     if constexpr (KL) {
       kc.inv_zs = 1.0f / zs;
       kc.inv_zt = 1.0f / zt;
@@ -401,50 +554,53 @@ __device__ __forceinline__ void logits_row(const Params& p, int64_t r, int64_t l
                                   : kc.ce_p * (ex2((s_label - st.ms) * kLog2e) - z1);
     }
     const int lab = CE && label_ok ? static_cast<int>(label) : -1;
-    float kl = 0.0f;
-    // Scalar elements first: nothing they need stays live through the vector loop.
-#pragma unroll 1
-    for (int i = tid; i < n_scalar; i += nthreads) {
-      const int j = i < sp.head ? i : sp.tail + (i - sp.head);
-      const float x = F::ld_last(s, j);
-      const float y = kTeacher ? F::ld_last(t, j) : 0.0f;
-      const float gg = pass2_elem<KL, CE, MSE>(kc, x, y, lab == j, kl);
-      if (write) F::st(g, j, gg);
-    }
     uint4* gv = reinterpret_cast<uint4*>(write ? g + sp.head : nullptr);
-    if (tid < sp.nvec) {
-      // Last vector first: in reverse of pass 1's order (see the file comment).
-      int k = tid + ((sp.nvec - 1 - tid) / nthreads) * nthreads;
-      uint4 xs = __ldcs(sv + k);
-      uint4 ys = kTeacher ? __ldcs(tv + k) : xs;
-#pragma unroll 1
-      for (;;) {
-        const int kn = k - nthreads;
-        const bool more = kn >= 0;
-        uint4 xn = xs, yn = ys;
-        if (more) {
-          xn = __ldcs(sv + kn);
-          if constexpr (kTeacher) yn = __ldcs(tv + kn);
-        }
-        const uint4 out = pass2_vec<F, KL, CE, MSE>(kc, xs, ys, lab - (sp.head + k * W), kl);
-        if (write) __stcs(gv + k, out);
-        if (!more) break;
-        xs = xn;
-        ys = yn;
-        k = kn;
-      }
-    }
-    if constexpr (KL) {
-      float v[1] = {kl};
-      block_reduce<SumOp, 1>(v, sm.kl);
+    float kl = 0.0f, corr = 0.0f;
+    // The sweep of one pass; vectors in reverse of the previous pass's order (see the file
+    // comment), scalar elements first (nothing they need stays live through the vector loop).
+    auto run = [&](auto mode, auto reverse, auto last) {
+      constexpr int kMode = decltype(mode)::value;
+      sweep<F, kTeacher, decltype(reverse)::value, decltype(last)::value>(
+          s, t, sp, cols,
+          [&](int j, float x, float y) {
+            const float gg = pass2_elem<DIV, XF, kMode, KL, CE, MSE>(kc, x, y, lab == j, kl, corr);
+            if (kMode != kTerms && write) F::st(g, j, gg);
+          },
+          [&](int k, const uint4& xs, const uint4& ys) {
+            const uint4 out = pass2_vec<F, DIV, XF, kMode, KL, CE, MSE>(
+                kc, xs, ys, lab - (sp.head + k * W), kl, corr);
+            if (kMode != kTerms && write) __stcs(gv + k, out);
+          });
+    };
+    using True = std::true_type;
+    using False = std::false_type;
+    if constexpr (kRowSum) {
+      float ps_ref;
+      const float q_ref = column_term<DIV>(kc, st.ms, tref, ps_ref).q;
+      kc.q_ref = finite(q_ref) ? q_ref : 0.0f;  // (an infinite row value then, reverse KL only)
+      // Pass 2 is the last read only without a gradient: normal loads.
+      run(std::integral_constant<int, kTerms>{}, True{}, False{});
+      float v[2] = {kl, corr};
+      block_reduce<SumOp, 2>(v, sm.kl);
       if (tid == 0) p.row_kl[r] = v[0] * p.t_sq;
+      if (write) {
+        kc.s_corr = v[1];
+        run(std::integral_constant<int, kGrad>{}, False{}, True{});
+      }
+    } else {
+      run(std::integral_constant<int, kTermsGrad>{}, True{}, True{});
+      if constexpr (KL) {
+        float v[1] = {kl};
+        block_reduce<SumOp, 1>(v, sm.kl);
+        if (tid == 0) p.row_kl[r] = v[0] * p.t_sq;
+      }
     }
   }
   if (nan_grad) fill_row<F>(g, cols, kNaN);
 }
 
-template <typename F, bool KL, bool CE, bool MSE>
-__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
+template <typename F, int DIV, bool XF, bool KL, bool CE, bool MSE>
+__global__ void __launch_bounds__(kMaxThreads, XF && CE ? kMinBlocksPerSmXfCe : kMinBlocksPerSm)
     fused_logits_kernel(const Params p) {
   __shared__ Smem sm;
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
@@ -455,11 +611,11 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
     const bool ce_on = CE && label != p.ignore_index;
     const bool grp = (KL || MSE) && sel;  // kl and mse share the mask
     if (grp && ce_on) {
-      if constexpr (CE && (KL || MSE)) logits_row<F, KL, true, MSE>(p, r, label, sm);
+      if constexpr (CE && (KL || MSE)) logits_row<F, DIV, XF, KL, true, MSE>(p, r, label, sm);
     } else if (grp) {
-      if constexpr (KL || MSE) logits_row<F, KL, false, MSE>(p, r, label, sm);
+      if constexpr (KL || MSE) logits_row<F, DIV, XF, KL, false, MSE>(p, r, label, sm);
     } else if (ce_on) {
-      if constexpr (CE) logits_row<F, false, true, false>(p, r, label, sm);
+      if constexpr (CE) logits_row<F, DIV, XF, false, true, false>(p, r, label, sm);
     } else if (p.grad) {
       fill_row<F>(static_cast<typename F::Raw*>(p.grad) + r * static_cast<int64_t>(p.cols), p.cols,
                   0.0f);
@@ -475,20 +631,42 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
   }
 }
 
-template <typename F>
+// The kernel of one term set (key: 4 kl | 2 ce | 1 mse). Term sets without the divergence come
+// with DIV = forward KL only (the host's choice; the code would be unused).
+template <typename F, int DIV, bool XF>
 Status launch(const Params& p, int key, cudaStream_t stream) {
   const int threads = threads_for(p.cols, F::kVec, kVectorsPerThread, kMaxThreads);
   const unsigned grid = static_cast<unsigned>(p.rows < INT_MAX ? p.rows : INT_MAX);
+  void (*kernel)(Params) = nullptr;
   switch (key) {
-    case 7: fused_logits_kernel<F, true, true, true><<<grid, threads, 0, stream>>>(p); break;
-    case 6: fused_logits_kernel<F, true, true, false><<<grid, threads, 0, stream>>>(p); break;
-    case 5: fused_logits_kernel<F, true, false, true><<<grid, threads, 0, stream>>>(p); break;
-    case 4: fused_logits_kernel<F, true, false, false><<<grid, threads, 0, stream>>>(p); break;
-    case 3: fused_logits_kernel<F, false, true, true><<<grid, threads, 0, stream>>>(p); break;
-    case 2: fused_logits_kernel<F, false, true, false><<<grid, threads, 0, stream>>>(p); break;
-    default: fused_logits_kernel<F, false, false, true><<<grid, threads, 0, stream>>>(p); break;
+    case 7: kernel = fused_logits_kernel<F, DIV, XF, true, true, true>; break;
+    case 6: kernel = fused_logits_kernel<F, DIV, XF, true, true, false>; break;
+    case 5: kernel = fused_logits_kernel<F, DIV, XF, true, false, true>; break;
+    case 4: kernel = fused_logits_kernel<F, DIV, XF, true, false, false>; break;
+    default:
+      if constexpr (DIV == kGpuForwardKL) {
+        if (key == 3) kernel = fused_logits_kernel<F, DIV, XF, false, true, true>;
+        if (key == 2) kernel = fused_logits_kernel<F, DIV, XF, false, true, false>;
+        if (key == 1) kernel = fused_logits_kernel<F, DIV, XF, false, false, true>;
+      }
   }
+  if (kernel == nullptr) return invalid("terms (a divergence without the kl term)", key);
+  kernel<<<grid, threads, 0, stream>>>(p);
   return launch_status();
+}
+
+// Forward KL on untransformed logits: the kernels without XF; everything else: with XF (a logit
+// scale of 1 and no softcap cost one multiply per element there).
+template <typename F>
+Status launch_for(const Params& p, int key, int div, bool transform, cudaStream_t stream) {
+  switch (div) {
+    case kGpuReverseKL: return launch<F, kGpuReverseKL, true>(p, key, stream);
+    case kGpuJSD: return launch<F, kGpuJSD, true>(p, key, stream);
+    case kGpuTVD: return launch<F, kGpuTVD, true>(p, key, stream);
+    default:
+      return transform ? launch<F, kGpuForwardKL, true>(p, key, stream)
+                       : launch<F, kGpuForwardKL, false>(p, key, stream);
+  }
 }
 
 }  // namespace
@@ -511,6 +689,15 @@ Status fused_logits(const FusedLogitsArgs& a) {
   if ((a.use_kl && !a.row_kl) || (a.use_ce && !a.row_ce) || (a.use_mse && !a.row_mse))
     return invalid("row outputs (null pointer for an active term)");
   if (a.grad && !a.scales) return invalid("scales (null pointer with a gradient)");
+  const int div = a.use_kl ? a.divergence : kGpuForwardKL;
+  if (div < kGpuForwardKL || div > kGpuTVD) return invalid("divergence", div);
+  if (div == kGpuJSD && !(a.beta > 0.0f && a.beta < 1.0f && a.one_minus_beta > 0.0f &&
+                          a.one_minus_beta < 1.0f))
+    return invalid("beta (JSD needs 0 < beta < 1; 0 and 1 are forward and reverse KL)");
+  if (!(std::isfinite(a.logit_scale) && a.logit_scale > 0.0f))
+    return invalid("logit_scale (must be finite and > 0)");
+  if (!(std::isfinite(a.softcap) && a.softcap >= 0.0f))
+    return invalid("softcap (must be finite and > 0, or 0 for off)");
 
   Params p;
   p.student = a.student;
@@ -523,18 +710,25 @@ Status fused_logits(const FusedLogitsArgs& a) {
   p.cols = static_cast<int>(a.cols);
   const double temp = a.use_kl ? static_cast<double>(a.temperature) : 1.0;
   p.c = static_cast<float>(1.4426950408889634074 / temp);
-  p.t_sq = static_cast<float>(temp * temp);
+  p.t_sq = a.t2_scale ? static_cast<float>(temp * temp) : 1.0f;
   p.ignore_index = a.ignore_index;
   p.scales = a.scales;
   p.row_kl = a.use_kl ? a.row_kl : nullptr;
   p.row_ce = a.use_ce ? a.row_ce : nullptr;
   p.row_mse = a.use_mse ? a.row_mse : nullptr;
   p.grad = a.grad;
+  const bool capped = a.softcap > 0.0f;
+  const double cap = capped ? static_cast<double>(a.softcap) : 1.0;
+  p.xf = Xform{a.logit_scale, static_cast<float>(a.logit_scale / cap), static_cast<float>(cap),
+               capped};
+  p.beta = a.beta;
+  p.omb = a.one_minus_beta;
+  const bool transform = capped || a.logit_scale != 1.0f;
   cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   switch (a.dtype) {
-    case kGpuFloat32: return launch<F32>(p, key, stream);
-    case kGpuBFloat16: return launch<BF16>(p, key, stream);
-    default: return launch<F16>(p, key, stream);
+    case kGpuFloat32: return launch_for<F32>(p, key, div, transform, stream);
+    case kGpuBFloat16: return launch_for<BF16>(p, key, div, transform, stream);
+    default: return launch_for<F16>(p, key, div, transform, stream);
   }
 }
 

@@ -14,6 +14,8 @@ namespace gpu {
 // Data-type codes: the same values as DType in csrc/cpu/simd_math.h (bindings.cpp checks this at
 // compile time), repeated here because that header uses _Float16, which nvcc's front end rejects.
 enum GpuDType : int { kGpuFloat32 = 0, kGpuBFloat16 = 1, kGpuFloat16 = 2, kGpuFloat64 = 3 };
+// Divergence codes: the same values as Divergence in csrc/cpu/kernels.h (bindings.cpp checks).
+enum GpuDivergence : int { kGpuForwardKL = 0, kGpuReverseKL = 1, kGpuJSD = 2, kGpuTVD = 3 };
 
 struct Status {
   enum Code : int { kOk = 0, kInvalidArgument = 1, kCudaError = 2 };
@@ -24,14 +26,18 @@ struct Status {
   int64_t value = kNoValue;  // the offending value for kInvalidArgument, if there is one
 };
 
-// Per row r of `cols` logits (s = student row, t = teacher row, fp32 math):
-//   row_kl[r]  = T^2 KL(softmax(t/T) || softmax(s/T))  if mask[r] != 0 (mask null: every row)
-//   row_ce[r]  = logsumexp(s) - s[labels[r]]           if labels[r] != ignore_index
-//   row_mse[r] = sum_j (s_j - t_j)^2                   if mask[r] != 0
-// (0 on rows where a term is not selected; NaN for a label outside [0, cols)), and, if grad is not
-// null, grad (contiguous rows x cols, same dtype) = scales[0] (softmax(s/T) - softmax(t/T)) [kl]
-// + scales[1] (softmax(s) - onehot(label)) [ce] + scales[2] (s - t) [mse], zeros where no term is
-// selected. `scales` is a device float[3].
+// Per row r of `cols` logits (s', t' = student and teacher rows after the logit transforms,
+// p_s = softmax(s'/T), p_t = softmax(t'/T), fp32 math):
+//   row_kl[r]  = D(p_s, p_t), times T^2 with t2_scale      if mask[r] != 0 (mask null: every row)
+//   row_ce[r]  = logsumexp(s') - s'[labels[r]]             if labels[r] != ignore_index
+//   row_mse[r] = sum_j (s'_j - t'_j)^2                     if mask[r] != 0
+// (0 on rows where a term is not selected; NaN for a label outside [0, cols)), where D is the
+// `divergence` (csrc/cpu/kernels.h, enum Divergence: KL(p_t || p_s), KL(p_s || p_t), JSD with
+// beta, TVD) and x' = x * logit_scale, then softcap * tanh(x' / softcap) when softcap > 0. If
+// grad is not null, grad (contiguous rows x cols, same dtype) = (scales[0] dD/dz [kl]
+// + scales[1] (softmax(s') - onehot(label)) [ce] + scales[2] (s' - t') [mse]) ds'/ds, z = s'/T
+// (dD/dz = softmax(s'/T) - softmax(t'/T) for forward KL), zeros where no term is selected.
+// `scales` is a device float[3] (further entries are ignored).
 struct FusedLogitsArgs {
   const void* student = nullptr;
   int64_t student_row_stride = 0;
@@ -45,6 +51,11 @@ struct FusedLogitsArgs {
   float temperature = 1.0f;
   int64_t ignore_index = -100;
   bool use_kl = false, use_ce = false, use_mse = false;
+  int divergence = kGpuForwardKL;
+  float beta = 0.5f, one_minus_beta = 0.5f;  // JSD only: 0 < beta < 1, 1 - beta formed in double
+  bool t2_scale = true;                       // multiply the divergence by T^2
+  float logit_scale = 1.0f;                   // finite, > 0
+  float softcap = 0.0f;                       // > 0: softcap * tanh(x / softcap); 0: off
   const float* scales = nullptr;  // needed when grad is not null
   float* row_kl = nullptr;        // non-null exactly for the active terms
   float* row_ce = nullptr;

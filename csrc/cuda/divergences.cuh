@@ -1,0 +1,125 @@
+// The divergences of the CUDA logits row loop other than forward KL, one small function each: what
+// a column contributes to the loss and q = dL/dp_s (0 where p_s = 0; the gradient w.r.t. the
+// student's z = s'/T is p_s,j (q_j - sum_k p_s,k q_k), formed in fused_logits.cu). The
+// arithmetic of csrc/cpu/divergences.h (plus a series for JSD's value where the student is close
+// to the teacher), in the CUDA kernel's log2 units: every function receives
+// p_s, p_t and v = log2(p_s / p_t), formed from exact logit differences, so v is exactly 0 when the
+// student equals the teacher and accurate when they are close; d = -v ln 2 = log p_t - log p_s is
+// the CPU header's d. A zero probability contributes nothing whatever the other side holds
+// (0 log 0 = 0), so -inf logits are ordinary; NaN stays NaN. fused_logits.cu includes this header
+// after the series helpers it uses (exp2m1_lin_small, kSmall1, kSmall2, kLn2, kFltMax,
+// kTinyPt).
+#pragma once
+
+namespace fastdistill {
+namespace gpu {
+namespace {
+
+struct DivTerm {
+  float loss, q;
+};
+
+// e^d - 1 for |v| < kSmall2 (|d| < 1/2), d = -v ln 2: the series, exact at 0 where the direct
+// form cancels.
+__device__ __forceinline__ float expm1_of_minus(float v) {
+  return fmaf(-v, kLn2, exp2m1_lin_small(-v));
+}
+
+// Reverse KL(p_s || p_t): the term p_s (e^d - 1 - d) (>= 0, series for small |d|) or directly
+// (p_t - p_s) - p_s d, and q = log(p_s / p_t) = -d. In the direct form, d = +inf (s = -inf) and
+// NaN (both -inf) contribute 0, d = -inf (t = -inf, s finite) gives +inf even where p_s
+// underflowed (ex2 flushes below 2^-126; the smallest denormal keeps the product infinite).
+__device__ __forceinline__ DivTerm reverse_kl_term(float ps, float pt, float v) {
+  const float d = -v * kLn2;
+  const float dc = d <= kFltMax ? d : 0.0f;
+  const float direct = fmaf(-fmaxf(ps, kTinyPt), dc, pt - ps);
+  const float loss = fabsf(v) < kSmall2 ? ps * exp2m1_lin_small(-v) : direct;
+  return {loss, ps > 0.0f ? -d : 0.0f};
+}
+
+// log(M / p_s) and log(M / p_t) for M = beta p_t + (1 - beta) p_s, from v alone (as
+// jsd_log_ratios in csrc/cpu/divergences.h): nothing underflows where both log-probabilities lie
+// far below -104 (p_s and p_t are 0 in fp32 there), and both are exact 0 at v = 0. With
+// x = -|d| <= 0 the ratio on the side of the larger probability is log(b + a e^x) (a = the weight
+// of the smaller side, b = 1 - a): log1p(a expm1(x)) for small |x| (exact at 0), directly
+// otherwise (a sum of two positive terms). The other side's ratio differs by d.
+__device__ __forceinline__ void jsd_log_ratios(float v, float beta, float omb, float& rho_s,
+                                               float& rho_t) {
+  const bool student_larger = v >= 0.0f;  // d <= 0; false for NaN, which then propagates
+  const float a = student_larger ? beta : omb;
+  const float b = student_larger ? omb : beta;
+  const float x2 = student_larger ? -v : v;  // x = -|d| in log2 units
+  const bool small = x2 > -0.36067376f;     // |x| < 1/4
+  const float r = small ? log1pf(a * expm1_of_minus(-x2)) : logf(fmaf(a, ex2(x2), b));
+  const float d = -v * kLn2;
+  rho_s = student_larger ? r : r + d;
+  rho_t = student_larger ? r - d : r;
+}
+
+// The JSD term for small |d| (|v| < kSmall1, |d| < 1/8), where the direct form below is a
+// difference of two first-order terms that leaves a second-order one (relative error ~1e-3 at
+// |d| ~ 1e-4, a student close to its teacher). With p = p_s, a = beta and x = d (the other side,
+// p_t, 1 - beta and -d when beta > 1/2: the term is symmetric under that swap, and the smaller
+// weight keeps the cancellation below a factor 2), the term is p (a g(x) - h(u)), u = a expm1(x),
+// g(x) = x e^x - e^x + 1 = sum_n (n - 1) x^n / n!, h(u) = (1 + u) log1p(u) - u
+// = sum_k (-1)^k u^k / (k (k - 1)): both series, to below 1e-8 relative (3.4e-7 for the term over
+// beta in [0.001, 0.999], against 40-digit arithmetic).
+__device__ __forceinline__ float jsd_small_term(float ps, float pt, float v, float beta,
+                                                float omb) {
+  const bool lo = beta <= 0.5f;
+  const float a = lo ? beta : omb;
+  const float p = lo ? ps : pt;
+  const float w = lo ? -v : v;  // x in log2 units
+  const float x = w * kLn2;
+  float g = 1.7361111e-4f;  // 1/5760
+  g = fmaf(g, x, 1.1904762e-3f);
+  g = fmaf(g, x, 6.9444444e-3f);
+  g = fmaf(g, x, 3.3333333e-2f);
+  g = fmaf(g, x, 0.125f);
+  g = fmaf(g, x, 0.33333333f);
+  g = fmaf(g, x, 0.5f);
+  const float u = a * fmaf(w, kLn2, exp2m1_lin_small(w));
+  float h = -1.3888889e-2f;  // -1/72
+  h = fmaf(h, u, 1.7857143e-2f);
+  h = fmaf(h, u, -2.3809524e-2f);
+  h = fmaf(h, u, 3.3333333e-2f);
+  h = fmaf(h, u, -0.05f);
+  h = fmaf(h, u, 8.3333333e-2f);
+  h = fmaf(h, u, -0.16666667f);
+  h = fmaf(h, u, 0.5f);
+  return p * fmaf(a, g * (x * x), -h * (u * u));
+}
+
+// Generalised JSD at 0 < beta < 1: the term -beta p_t log(M/p_t) - (1 - beta) p_s log(M/p_s)
+// (the series of jsd_small_term for small |d|), >= 0 for every column (log-sum inequality) and
+// clamped there against rounding, and q = (1 - beta) log(p_s / M).
+__device__ __forceinline__ DivTerm jsd_term(float ps, float pt, float v, float beta, float omb) {
+  float rho_s, rho_t;
+  jsd_log_ratios(v, beta, omb, rho_s, rho_t);
+  const float from_t = pt > 0.0f ? pt * rho_t : 0.0f;
+  const float from_s = ps > 0.0f ? ps * rho_s : 0.0f;
+  float loss = -fmaf(beta, from_t, omb * from_s);
+  if (fabsf(v) < kSmall1) loss = jsd_small_term(ps, pt, v, beta, omb);
+  return {loss < 0.0f ? 0.0f : loss, ps > 0.0f ? -omb * rho_s : 0.0f};
+}
+
+// Total variation 1/2 |p_s - p_t| and q = sign(p_s - p_t) / 2 (0 at a tie, as torch's abs).
+// p_s - p_t = -p_s expm1(d) by the series for small |d|, where the difference cancels.
+__device__ __forceinline__ DivTerm tvd_term(float ps, float pt, float v) {
+  const float diff = fabsf(v) < kSmall2 ? -ps * expm1_of_minus(v) : ps - pt;
+  const float q = diff > 0.0f ? 0.5f : (diff < 0.0f ? -0.5f : 0.0f);
+  return {0.5f * fabsf(diff), q};
+}
+
+template <int DIV>
+__device__ __forceinline__ DivTerm divergence_term(float ps, float pt, float v, float beta,
+                                                   float omb) {
+  if constexpr (DIV == kGpuReverseKL) return reverse_kl_term(ps, pt, v);
+  if constexpr (DIV == kGpuJSD) return jsd_term(ps, pt, v, beta, omb);
+  if constexpr (DIV == kGpuTVD) return tvd_term(ps, pt, v);
+  return {0.0f, 0.0f};
+}
+
+}  // namespace
+}  // namespace gpu
+}  // namespace fastdistill
