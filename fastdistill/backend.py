@@ -50,11 +50,6 @@ def native_cuda_built() -> bool:
     return _NATIVE_CUDA_BUILT
 
 
-# Ops the CUDA kernels of the compiled core do not serve (yet): the LLM divergences run on the
-# generic row loop, which exists on CPU and in Triton.
-_NO_CUDA_KERNEL = frozenset({"reverse_kl", "jsd", "tvd", "distillation_divergence"})
-
-
 def _has_triton_kernel(op: str) -> bool:
     try:
         from fastdistill.triton import KERNEL_MODULES
@@ -72,7 +67,7 @@ def available_backends(op: str, device: torch.device) -> list[str]:
         if triton_importable() and triton_interpreting() and _has_triton_kernel(op):
             found.append("triton")
     elif device.type == "cuda":
-        if native_cuda_built() and op not in _NO_CUDA_KERNEL:
+        if native_cuda_built():
             found.append("native")
         if triton_importable() and _has_triton_kernel(op):
             found.append("triton")

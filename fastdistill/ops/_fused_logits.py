@@ -194,11 +194,8 @@ def _launch_triton(s2, t2, labels1, mask_u8, scales, row_kl, row_ce, row_mse, gr
 
 
 def _launch_cuda(s2, t2, labels1, mask_u8, scales, row_kl, row_ce, row_mse, grad, **kw):
-    generic = kw["divergence"] != _native.FORWARD_KL or kw["logit_scale"] != 1.0 or kw["softcap"]
-    if generic or not kw["t2_scale"]:
-        raise unsupported(
-            "the CUDA logits kernel computes the T²-scaled forward KL on untransformed logits only"
-        )
+    # The divergence's and transforms' scalars travel as arguments (Python floats: no device
+    # read); the kernel reads only the three gradient weights of ``scales``.
     rows, cols = s2.shape
     _native.core().fused_logits_cuda(
         student=s2.data_ptr(),
@@ -221,6 +218,12 @@ def _launch_cuda(s2, t2, labels1, mask_u8, scales, row_kl, row_ce, row_mse, grad
         row_mse=_native.ptr(row_mse),
         grad=_native.ptr(grad),
         stream=torch.cuda.current_stream(s2.device).cuda_stream,
+        divergence=kw["divergence"],
+        beta=kw["beta"],
+        one_minus_beta=1.0 - kw["beta"],
+        t2_scale=kw["t2_scale"],
+        logit_scale=kw["logit_scale"],
+        softcap=kw["softcap"],
     )
 
 
