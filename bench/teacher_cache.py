@@ -10,7 +10,7 @@ with the wide initialisation the tests use, so their predictions are peaked). Fo
 * (c) held-out KL(teacher ‖ student) after the same steps, evaluated against the real teacher:
   the live dense teacher vs the cache at k = 64 in each normalisation.
 
-    python -m bench.teacher_cache [--steps 60]
+    python -m bench.teacher_cache [--steps 60] [--throughput-only]
 """
 
 from __future__ import annotations
@@ -97,7 +97,14 @@ def heldout_kl(paths: dict, run: Path, teacher: str) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument(
+        "--throughput-only",
+        action="store_true",
+        help="(a) alone: one cache (k = 64) per teacher and the 'full' run from it",
+    )
     args = p.parse_args()
+    ks = (64,) if args.throughput_only else (16, 64)
+    modes = ("full",) if args.throughput_only else ("full", "renormalized", "tail")
     load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,7 +120,7 @@ def main() -> None:
                 "live_tok_s": tokens_per_s(live),
                 "live_kl": heldout_kl(paths, live, teacher),
             }
-            for k in (16, 64):
+            for k in ks:
                 start = time.perf_counter()
                 summary = TC.write(
                     cfg(paths, root / "w", teacher=paths[teacher], teacher_top_k=k),
@@ -121,7 +128,7 @@ def main() -> None:
                 )
                 row[f"write_s_k{k}"] = time.perf_counter() - start
                 row[f"bytes_per_token_k{k}"] = summary["bytes_per_token"]
-            for mode in ("full", "renormalized", "tail"):
+            for mode in modes:
                 run = root / f"cache-{teacher}-{mode}"
                 train(
                     cfg(
