@@ -52,13 +52,14 @@
 // transform: close to the teacher, the transforms cost ~ulp(x') / |s' - t'| of relative accuracy.
 // t2_scale only changes the row value's factor (T^2 or 1); the gradient weight comes from the
 // host. DIV = reverse KL, JSD or TVD: the column functions of divergences.cuh give each column's
-// term and q = dD/dp_s from p_s, p_t and v = log2(p_s / p_t) (formed as above), and the gradient
-// w.r.t. z = s'/T is p_s (q - sum_k p_s,k q_k), which needs a row sum before any gradient is
-// written: pass 2 sums the terms and the correction sum_k p_s,k (q_k - q_ref), pass 3 re-reads the
-// row (reading each row pair three times) and writes p_s ((q - q_ref) - correction). q_ref is q at
-// the student's most probable column (pass 1 tracks the teacher's logit there): the correction
-// then has no large term, and that column's gradient, where p_s is close to 1 at low T, is formed
-// without cancellation.
+// term and dq = q - q_ref, q = dD/dp_s, from p_s, p_t and v = log2(p_s / p_t) (formed as above),
+// and the gradient w.r.t. z = s'/T is p_s (q - sum_k p_s,k q_k), which needs a row sum before any
+// gradient is written: pass 2 sums the terms and the correction sum_k p_s,k dq_k, pass 3 re-reads
+// the row (reading each row pair three times) and writes p_s (dq - correction). q_ref is q at the
+// student's most probable column (pass 1 tracks the teacher's logit there): the correction then
+// has no large term, and that column's gradient, where p_s is close to 1 at low T, is formed
+// without cancellation; dq is formed from the differences of the logits of the column and the
+// reference column, not as a difference of two q (whose roundings can be all of it).
 #include <climits>
 #include <cmath>
 #include <type_traits>
@@ -255,9 +256,10 @@ struct RowConsts {
   float ce_p;   // c_ce / z_1
   float g_lab;  // c_ce (p_label - 1), the CE gradient at the label
   Coeffs w;
-  Xform xf;             // XF only
-  float beta, omb;      // JSD only
-  float q_ref, s_corr;  // row-sum divergences: q at the student's maximum, the correction sum
+  Xform xf;      // XF only
+  DivConsts dc;  // row-sum divergences: their constants (divergences.cuh)
+  float ref_dt;  // row-sum divergences: s' - t' at the reference column (the student's maximum)
+  float s_corr;  // row-sum divergences: the correction sum_k p_s,k (q_k - q_ref)
 };
 
 // What a sweep over the row computes per element: the forward KL terms and the gradient (pass 2
@@ -265,17 +267,19 @@ struct RowConsts {
 // (pass 2), then the gradient (pass 3).
 enum Pass : int { kTermsGrad = 0, kTerms = 1, kGrad = 2 };
 
-// A row-sum divergence's column: its term and q from the (transformed) logits x, y; p_s in ps.
+// A row-sum divergence's column: its term and dq = q - q_ref from the (transformed) logits x, y;
+// p_s in ps.
 template <int DIV>
 __device__ __forceinline__ DivTerm column_term(const RowConsts& k, float x, float y, float& ps) {
   ps = ex2((x - k.rs) * k.c) * k.inv_zs;
   const float pt = ex2((y - k.rt) * k.c) * k.inv_zt;
   const float v = fmaf((x - y) - k.dm, k.c, -k.delta);  // log2(ps / pt)
-  return divergence_term<DIV>(ps, pt, v, k.beta, k.omb);
+  const float vrel = ((x - y) - k.ref_dt) * k.c;         // v - v_ref, exact 0 at the reference
+  return divergence_term<DIV>(ps, pt, v, vrel, k.dc);
 }
 
 // One element of a sweep (see Pass) on raw logits x, y: returns its gradient value (kTerms: 0)
-// and adds its divergence term (natural log units) to kl and, for kTerms, p_s (q - q_ref) to corr.
+// and adds its divergence term (natural log units) to kl and, for kTerms, p_s dq to corr.
 template <int DIV, bool XF, int MODE, bool KL, bool CE, bool MSE>
 __device__ __forceinline__ float pass2_elem(const RowConsts& k, float x, float y, bool is_label,
                                             float& kl, float& corr) {
@@ -309,12 +313,11 @@ __device__ __forceinline__ float pass2_elem(const RowConsts& k, float x, float y
   } else if constexpr (KL) {
     float ps;
     const DivTerm dt = column_term<DIV>(k, x, y, ps);
-    const float dq = dt.q - k.q_ref;  // exactly 0 at the reference column
     if constexpr (MODE == kTerms) {
       kl += dt.loss;
-      corr = fmaf(ps, dq, corr);
+      corr = fmaf(ps, dt.dq, corr);
     } else {
-      gv = k.w.kl * (ps * (dq - k.s_corr));
+      gv = k.w.kl * (ps * (dt.dq - k.s_corr));
     }
   }
   if constexpr (MODE != kTerms) {
@@ -364,8 +367,8 @@ struct Params {
   float* row_ce;
   float* row_mse;
   void* grad;
-  Xform xf;         // the logit transforms (kernels with XF)
-  float beta, omb;  // JSD's weights
+  Xform xf;      // the logit transforms (kernels with XF)
+  DivConsts dc;  // JSD's weights
 };
 
 struct Smem {  // one buffer per reduction of a row (common.cuh, block_reduce)
@@ -535,9 +538,8 @@ __device__ __forceinline__ void logits_row(const Params& p, int64_t r, int64_t l
     const Coeffs w = p.grad ? Coeffs{p.scales[0], p.scales[1], p.scales[2]} : Coeffs{0.f, 0.f, 0.f};
     kc.w = w;
     kc.xf = p.xf;
-    kc.beta = p.beta;
-    kc.omb = p.omb;
-    kc.inv_zs = kc.inv_zt = kc.delta = kc.ce_p = kc.q_ref = kc.s_corr = 0.0f;
+    kc.dc = p.dc;
+    kc.inv_zs = kc.inv_zt = kc.delta = kc.ce_p = kc.ref_dt = kc.s_corr = 0.0f;
     if constexpr (KL) {
       kc.inv_zs = 1.0f / zs;
       kc.inv_zt = 1.0f / zt;
@@ -575,9 +577,11 @@ __device__ __forceinline__ void logits_row(const Params& p, int64_t r, int64_t l
     using True = std::true_type;
     using False = std::false_type;
     if constexpr (kRowSum) {
-      float ps_ref;
-      const float q_ref = column_term<DIV>(kc, st.ms, tref, ps_ref).q;
-      kc.q_ref = finite(q_ref) ? q_ref : 0.0f;  // (an infinite row value then, reverse KL only)
+      // The reference column (x' = rs, t' = tref), with the expressions of column_term.
+      kc.ref_dt = st.ms - tref;
+      const float ps_ref = ex2((st.ms - kc.rs) * kc.c) * kc.inv_zs;
+      const float pt_ref = ex2((tref - kc.rt) * kc.c) * kc.inv_zt;
+      reference_consts<DIV>(ps_ref, pt_ref, fmaf(kc.ref_dt - kc.dm, kc.c, -kc.delta), kc.dc);
       // Pass 2 is the last read only without a gradient: normal loads.
       run(std::integral_constant<int, kTerms>{}, True{}, False{});
       float v[2] = {kl, corr};
@@ -721,8 +725,9 @@ Status fused_logits(const FusedLogitsArgs& a) {
   const double cap = capped ? static_cast<double>(a.softcap) : 1.0;
   p.xf = Xform{a.logit_scale, static_cast<float>(a.logit_scale / cap), static_cast<float>(cap),
                capped};
-  p.beta = a.beta;
-  p.omb = a.one_minus_beta;
+  const double log_ratio = std::log(static_cast<double>(a.beta) / a.one_minus_beta);
+  p.dc = DivConsts{a.beta, a.one_minus_beta, static_cast<float>(div == kGpuJSD ? log_ratio : 0.0),
+                   0.0f, 0.0f, 0.0f};
   const bool transform = capped || a.logit_scale != 1.0f;
   cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   switch (a.dtype) {
