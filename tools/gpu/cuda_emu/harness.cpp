@@ -4,8 +4,11 @@ extern "C" {
 int emu_fused_logits(const void* s, int64_t ss, const void* t, int64_t ts, const int64_t* labels,
                      const uint8_t* mask, int64_t rows, int64_t cols, int dtype, float temp,
                      int64_t ignore, int kl, int ce, int mse, const float* scales, float* rkl,
-                     float* rce, float* rmse, void* grad) {
+                     float* rce, float* rmse, void* grad, int divergence, float beta,
+                     float one_minus_beta, int t2_scale, float logit_scale, float softcap) {
   FusedLogitsArgs a;
+  a.divergence = divergence; a.beta = beta; a.one_minus_beta = one_minus_beta;
+  a.t2_scale = t2_scale; a.logit_scale = logit_scale; a.softcap = softcap;
   a.student = s; a.student_row_stride = ss; a.teacher = t; a.teacher_row_stride = ts;
   a.labels = labels; a.mask = mask; a.rows = rows; a.cols = cols; a.dtype = dtype;
   a.temperature = temp; a.ignore_index = ignore; a.use_kl = kl; a.use_ce = ce; a.use_mse = mse;
