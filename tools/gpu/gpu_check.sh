@@ -13,7 +13,7 @@
 #            the core has no CUDA kernels; if the CUDA build fails, a CPU-only build follows so
 #            that the Triton tests and the benchmark still run                       (240 s)
 #   env      python -m fastdistill env                                            (45 s)
-#   tests    FASTDISTILL_GPU_STRICT=1 TRITON_INTERPRET=0 pytest -q -m gpu tests/test_gpu.py
+#   tests    FASTDISTILL_GPU_STRICT=1 TRITON_INTERPRET=0 pytest -q -m gpu tests/test_gpu.py tests/test_gpu_linear.py
 #            (<= 240 s, less if the deadline needs it)
 #   bench    python -m bench.gpu_bench --require-backends, with the time that is left
 #            (it starts no new row once its budget is spent)
@@ -209,14 +209,14 @@ stage_end "$rc"
 
 # ---- tests -------------------------------------------------------------------------------------
 limit=$(cap 240 120)
-stage_begin tests "$limit" "FASTDISTILL_GPU_STRICT=1 TRITON_INTERPRET=0 pytest -q -m gpu tests/test_gpu.py"
+stage_begin tests "$limit" "FASTDISTILL_GPU_STRICT=1 TRITON_INTERPRET=0 pytest -q -m gpu tests/test_gpu.py tests/test_gpu_linear.py"
 rc=0
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "torch sees no CUDA device (torch.cuda.is_available() is False): the GPU tests cannot run"
   rc=1
 else
   FASTDISTILL_GPU_STRICT=1 PYTHONUNBUFFERED=1 run "$limit" "$PY" -m pytest -q -m gpu -rsfE \
-    -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$LOG_DIR/tests.log" || rc=$?
+    -p no:cacheprovider tests/test_gpu.py tests/test_gpu_linear.py 2>&1 | tee "$LOG_DIR/tests.log" || rc=$?
 fi
 stage_end "$rc"
 
