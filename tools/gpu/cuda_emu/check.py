@@ -694,6 +694,17 @@ if on(10):
         check(f"max finite {dtype}", flag.item() == 1)
     print("all_finite done", len(FAILS))
 
+
+def fuzz_rows(rnd, rows, cols):
+    """A fuzz case's labels (one row ignored), mask (half the time) and whether it wants the
+    gradient (sections 11 and 14)."""
+    labels = torch.randint(0, cols, (rows,))
+    if rows > 1:
+        labels[rnd.randrange(rows)] = -100
+    mask = (torch.rand(rows) < 0.7).to(torch.uint8) if rnd.random() < 0.5 else None
+    return labels, mask, rnd.random() < 0.8
+
+
 # 11. fuzz: random shapes, dtypes, terms, temperatures, special values, strides
 if on(11):
     import random
@@ -726,11 +737,7 @@ if on(11):
         Tt = Tt.to(dtype)
         s = S[:, off_s : off_s + cols]
         t = Tt[:, off_t : off_t + cols]
-        labels = torch.randint(0, cols, (rows,))
-        if rows > 1:
-            labels[rnd.randrange(rows)] = -100
-        mask = (torch.rand(rows) < 0.7).to(torch.uint8) if rnd.random() < 0.5 else None
-        want = rnd.random() < 0.8
+        labels, mask, want = fuzz_rows(rnd, rows, cols)
         if os.environ.get("FUZZ_ONLY") and int(os.environ["FUZZ_ONLY"]) != it:
             continue
         name = f"fuzz{it} {dtype} {rows}x{cols} T={T} {kl}{ce}{mse} off={off_s},{off_t} pad={pad} scale={scale}"
@@ -1180,11 +1187,7 @@ if on(14):
             Tt[:, off_t:][r_, idx] = float("-inf")
         s = S.to(dtype)[:, off_s : off_s + cols]
         t = Tt.to(dtype)[:, off_t : off_t + cols]
-        labels = torch.randint(0, cols, (rows,))
-        if rows > 1:
-            labels[rnd.randrange(rows)] = -100
-        mask = (torch.rand(rows) < 0.7).to(torch.uint8) if rnd.random() < 0.5 else None
-        want = rnd.random() < 0.8
+        labels, mask, want = fuzz_rows(rnd, rows, cols)
         if os.environ.get("FUZZ_ONLY") and int(os.environ["FUZZ_ONLY"]) != it:
             continue
         name = f"dfuzz{it} {dtype} {rows}x{cols} T={T} {kl}{ce}{mse} off={off_s},{off_t} mag={mag}"
