@@ -39,6 +39,12 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, options: dict) -> No
     assert trainer.args.world_size == world
     if rank == 0:
         torch.save(grads[0], f"{out}/grads.pt")
+    # Tear the gloo group down together: a process exiting while the other still holds the
+    # connection can abort in gloo's destructor ("terminate called without an active exception")
+    # after correct gradients.
+    del trainer
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def test_ddp_two_processes_give_the_whole_batch_gradient(tmp_path):
