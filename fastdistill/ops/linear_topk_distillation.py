@@ -103,10 +103,9 @@ def linear_topk_distillation(
             capture_temperature, t2_scale, alpha_kd, alpha_ce, ignore_index, "batchmean",
             unnormalised, compute_grad,
         )  # fmt: skip
-        if not compute_grad:
-            return torch.cat([loss.view(1), parts]), None
-        _chain_(grad, s, sel, logit_scale, softcap)
-        return torch.cat([loss.view(1), parts]), grad
+        if compute_grad:
+            _chain_(grad, s, sel, logit_scale, softcap)
+        return torch.cat([loss.view(1), parts]), grad if compute_grad else None
 
     return run_linear_chunks(
         student_hidden, student_weight, student_bias, labels, normalizer, ignore_index, rows,
