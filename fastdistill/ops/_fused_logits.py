@@ -65,6 +65,9 @@ class FusedResult:
     row_ce: Tensor | None
     row_mse: Tensor | None
     grad: Tensor  # student-shaped gradient of out[0], or an empty placeholder
+    # The gradient was written over the student's logits (run_fused_logits, grad_into): they are
+    # gone, and grad is the student tensor's memory.
+    in_place: bool = False
 
 
 def _checked_rows(student, teacher, labels, mask):
@@ -306,6 +309,59 @@ def fused_logits_gpu(
     )
 
 
+# Backends whose kernel may write the gradient over the student's logits. In the CPU kernel
+# (csrc/cpu/fused_logits.cpp) one thread owns a row and every read of a student element precedes
+# the write of its gradient (maxima, pass 2 and the label's logit before pass 3/4; the MSE term's
+# re-read in the same loop iteration or tile as that element's write; softcap reads the row into
+# scratch first); pass 2's touch of the next row, another thread's, reads a value it discards. The
+# exception, a row whose divergence sums are not finite (a NaN teacher), has its CE read after its
+# gradient row is filled with NaN: ops/linear_distillation.py recomputes that case. The CUDA kernel
+# reads the label's logit in every thread after the last barrier before pass 2 writes the row (rows
+# without a row-sum divergence: another warp may have written it), and the Triton kernel reads it
+# after its gradient passes: both write to a buffer of their own.
+_IN_PLACE_BACKENDS = frozenset({("native", "cpu")})
+
+
+def _span(x: Tensor) -> tuple[int, int]:
+    """The byte range [start, end) that ``x``'s elements lie in."""
+    last = sum((n - 1) * st for n, st in zip(x.shape, x.stride(), strict=True))
+    return x.data_ptr(), x.data_ptr() + (last + 1) * x.element_size()
+
+
+def _overlaps(a: Tensor, b: Tensor) -> bool:
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _gradient_destination(
+    student: Tensor, teacher: Tensor | None, grad_into: Tensor, in_place_ok: bool
+) -> tuple[Tensor | None, bool]:
+    """(``grad_into``, whether it is the student's memory) if the kernel can write there, else
+    (None, False): a buffer of its own. The kernels write row r of the gradient at r · cols of a
+    contiguous buffer and trust it not to overlap what they read: ``grad_into`` is the student
+    itself (contiguous) or apart from both inputs."""
+    if (
+        grad_into.shape != student.shape
+        or grad_into.dtype != student.dtype
+        or grad_into.device != student.device
+        or not grad_into.is_contiguous()
+    ):
+        raise ValueError(
+            f"grad_into must be a contiguous {student.dtype} tensor of the student's shape "
+            f"{tuple(student.shape)} on {student.device}; got {grad_into.dtype} "
+            f"{tuple(grad_into.shape)} on {grad_into.device}"
+        )
+    if teacher is not None and _overlaps(grad_into, teacher):
+        raise ValueError("grad_into overlaps the teacher's logits")
+    if not _overlaps(grad_into, student):
+        return grad_into, False
+    if grad_into.data_ptr() != student.data_ptr() or not student.is_contiguous():
+        raise ValueError("grad_into overlaps the student's logits without being the same tensor")
+    return (grad_into, True) if in_place_ok else (None, False)
+
+
 def run_fused_logits(
     op: str,
     student: Tensor,
@@ -320,10 +376,19 @@ def run_fused_logits(
     want_rows: bool = False,
     transform: Transform = Transform(),
     normalizer: Tensor | None = None,
+    grad_into: Tensor | None = None,
 ) -> FusedResult:
-    """Run ``op``'s terms on the backend FASTDISTILL_BACKEND selects for the student's device."""
+    """Run ``op``'s terms on the backend FASTDISTILL_BACKEND selects for the student's device.
+
+    ``grad_into`` (with ``compute_grad``): where to write the gradient instead of a new buffer. It
+    may be the student itself: on the backends whose kernel allows it (_IN_PLACE_BACKENDS) the
+    gradient then overwrites the logits (``result.in_place``); the others write a new buffer."""
     backend = select_backend(op, student.device)
     device = student.device.type
+    dest, in_place = None, False
+    if compute_grad and grad_into is not None:
+        in_place_ok = (backend, device) in _IN_PLACE_BACKENDS
+        dest, in_place = _gradient_destination(student, teacher, grad_into, in_place_ok)
     kw = dict(
         terms=terms,
         temperature=temperature,
@@ -332,17 +397,20 @@ def run_fused_logits(
         normalizer=normalizer,
     )
     if backend == "native" and device == "cpu":
-        grad = alloc_grad(student, compute_grad)
-        return fused_logits_native(
+        grad = dest if dest is not None else alloc_grad(student, compute_grad)
+        res = fused_logits_native(
             student, teacher, labels, mask, want_rows=want_rows, grad=grad, **kw
         )
-    if backend == "native" and device == "cuda":
-        grad = empty_grad(student, compute_grad)
-        return fused_logits_gpu(_launch_cuda, student, teacher, labels, mask, grad=grad, **kw)
-    if backend == "triton":
-        grad = alloc_grad(student, compute_grad)
-        return fused_logits_gpu(_launch_triton, student, teacher, labels, mask, grad=grad, **kw)
-    raise unsupported(f"{op} has no {backend} kernel for {device}")
+    elif backend == "native" and device == "cuda":
+        grad = dest if dest is not None else empty_grad(student, compute_grad)
+        res = fused_logits_gpu(_launch_cuda, student, teacher, labels, mask, grad=grad, **kw)
+    elif backend == "triton":
+        grad = dest if dest is not None else alloc_grad(student, compute_grad)
+        res = fused_logits_gpu(_launch_triton, student, teacher, labels, mask, grad=grad, **kw)
+    else:
+        raise unsupported(f"{op} has no {backend} kernel for {device}")
+    res.in_place = in_place
+    return res
 
 
 def norm_code(reduction: str) -> int:

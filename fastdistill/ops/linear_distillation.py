@@ -18,9 +18,12 @@ How: for each chunk of C rows, the student logits come from one GEMM into a floa
 (never rounded to bf16 before the softmax), the teacher's likewise (or a float32 copy of the
 given logits), the fused logits kernel (CPU core, Triton or CUDA, chosen as for every other op)
 writes d total/d logits for that chunk, and two more GEMMs add the chunk's share to d hidden
-(rows of the chunk) and d W (accumulated in float32). Alive at once: the chunk's student and
-teacher logits and their gradient, 3 · C · V floats, whatever N. Nothing is read back to the
-host: per-chunk sums and the count stay on the device, 1/n scales the gradients once at the end.
+(rows of the chunk) and d W (accumulated in float32). Alive at once, whatever N: the chunk's
+student and teacher logits, 2 · C · V floats, on CPU, where the kernel writes the gradient over
+the student's logits (ops/_fused_logits.py, _IN_PLACE_BACKENDS); 3 · C · V with the Triton and
+CUDA kernels, which write it to a buffer of its own. (Given float32 teacher logits are read where
+they are: one buffer fewer.) Nothing is read back to the host: per-chunk sums and the count stay
+on the device, 1/n scales the gradients once at the end.
 With bf16/fp16 inputs on CUDA the forward GEMMs take the inputs as they are and write float32
 (``fp32_output_gemm``): the teacher's head is never widened, the student's only for the backward
 GEMMs, which keep the exact float32 logits gradient. On CPU both heads are widened to float32
@@ -44,7 +47,8 @@ from fastdistill.ops._divergence import divergence_code
 from fastdistill.ops._fused_logits import Terms, Transform, run_fused_logits
 
 _F32 = torch.float32
-# Target size of ONE float32 chunk of logits (three are alive at once). Each chunk also reads and
+# Target size of ONE float32 chunk of logits (two or three are alive at once, see the module
+# docstring; the bound on the free memory assumes three). Each chunk also reads and
 # writes the whole float32 weight gradient (V x H) once, so chunks of fewer than a few hundred rows
 # spend more time on that than on their GEMMs; 128 MiB is 1,024 rows at V = 32,000.
 CPU_CHUNK_BYTES = 128 << 20
@@ -246,17 +250,42 @@ def linear_distillation(
 
     def chunk_loss(s, sl, lab, sel, compute_grad):
         t = _teacher_chunk(teacher_buf, sl, th, teacher_weight, tw32, tb32, tl)
+        # The gradient goes over the student's logits where the backend's kernel allows it (they
+        # are not read again: run_linear_chunks takes the gradient and the sums from here).
         res = run_fused_logits(
             "distillation_divergence", s, t, lab if ce else None, sel if kd else None,
             terms=terms, compute_grad=compute_grad, temperature=temperature,
-            ignore_index=ignore_index, transform=transform,
+            ignore_index=ignore_index, transform=transform, grad_into=s,
         )  # fmt: skip
-        return res.out[0:3], res.grad if compute_grad else None
+        part = res.out[0:3]
+        # A row whose divergence sums are not finite (a NaN in the teacher's logits) has its CE
+        # read by the CPU kernel after its gradient row is filled with NaN: over the logits, that
+        # would turn the (finite) CE into NaN. Only then, the chunk's CE from its logits formed
+        # again (in_place is CPU only: reading the sum here is a load, not a device sync).
+        if res.in_place and ce and kd and not bool(torch.isfinite(part[1])):
+            buf = teacher_buf if teacher_buf is not None else _empty_f32(rows, v, device)
+            part = torch.stack([part[0], part[1], _chunk_ce(
+                buf, student_hidden[sl], student_weight, student_bias, lab, alpha_ce,
+                ignore_index, transform,
+            )])  # fmt: skip
+        return part, res.grad if compute_grad else None
 
     return run_linear_chunks(
         student_hidden, student_weight, student_bias, labels, normalizer, ignore_index, rows,
         (grad_hidden, grad_weight, grad_bias), chunk_loss,
     )  # fmt: skip
+
+
+def _chunk_ce(buf, hidden, weight, bias, labels, alpha_ce, ignore_index, transform) -> Tensor:
+    """The chunk's summed CE (its [2] of the kernel's sums), from its student logits formed again
+    into ``buf``."""
+    s = _logits_into(buf[: hidden.shape[0]], hidden, weight, _wide(weight), _wide(bias))
+    terms = Terms(ce=True, w_ce=alpha_ce, norm_ce=_native.NORM_SUM)
+    res = run_fused_logits(
+        "distillation_divergence", s, None, labels, None, terms=terms, compute_grad=False,
+        ignore_index=ignore_index, transform=transform,
+    )  # fmt: skip
+    return res.out[2]
 
 
 def _finish(sums, labels, ignore_index, n, normalizer, hidden, weight, grads):
