@@ -3,14 +3,19 @@
 // includes this header after the series helpers it uses (exp_minus_1_minus_x_small, expm1_small,
 // is_small).
 //
-// Every function receives, for one column, p_s and p_t (the probabilities at temperature T) and
-// d = log p_t - log p_s, formed from exact logit differences so that it is exact 0 when the
-// student equals the teacher and accurate when they are close. It returns the column's loss term
-// and q = dL/dp_s (up to a constant, which the softmax cancels; 0 where p_s = 0): the gradient with
-// respect to the student's logits z = s'/T is p_s,j (q_j - sum_k p_s,k q_k) (see divergence_passes).
-// Forward KL returns that gradient itself in q instead (p_s - p_t: no row sum needed). A zero
-// probability contributes nothing whatever the other side holds (0 log 0 = 0), so -inf logits
-// are ordinary. NaN stays NaN.
+// Every function receives, for one column, p_s and p_t (the probabilities at temperature T),
+// d = log p_t - log p_s and dd = d - d_ref, both formed from exact logit differences (d is exact 0
+// when the student equals the teacher; dd is exact 0 at the reference column), where d_ref is d at
+// the reference column: the student's most probable one. It returns the column's loss term and
+// dq = q - q_ref, with q = dL/dp_s (0 where p_s = 0) and q_ref its value at the reference column.
+// The gradient with respect to the student's logits z = s'/T is p_s,j (q_j - sum_k p_s,k q_k),
+// which does not change when a constant is added to q: measuring q from the reference column
+// leaves the row sum without a large term where that column's p_s is close to 1 (low T), and dq
+// is formed from dd, not as a difference of two rounded q (whose rounding can be all of it, where
+// q is nearly one constant over the columns that carry the student's mass). Forward KL returns
+// its gradient p_s - p_t itself in dq instead (no row sum needed; process_row's own pass 3 serves
+// it). A zero probability contributes nothing whatever the other side holds (0 log 0 = 0), so
+// -inf logits are ordinary; NaN rows are caught before these functions run.
 #pragma once
 
 namespace fastdistill {
@@ -19,14 +24,31 @@ namespace {
 
 struct DivConsts {
   float beta, one_minus_beta;  // JSD weights of the teacher and the student in M
+  float log_b;                 // JSD: log(beta)
+  float log_lp;                // JSD: log(beta / (1 - beta))
+  // Per row, from the reference column (set_reference): TVD's q there; JSD's sigmoid and
+  // max(z, 0) of z_ref = d_ref + log_lp, log1p(e^-|z_ref|) and l_ref = log(M / p_s) there.
+  float q_ref = 0.0f;
+  float w_ref = 0.0f, mz_ref = 0.0f, lg_ref = 0.0f, ell_ref = 0.0f;
+  bool z_ref_pos = false;
 };
 
+// The launch-wide constants: JSD's weights and their logarithms (formed in double).
+inline DivConsts jsd_consts(float beta, float one_minus_beta) {
+  DivConsts c;
+  c.beta = beta;
+  c.one_minus_beta = one_minus_beta;
+  c.log_b = static_cast<float>(std::log(double{beta}));
+  c.log_lp = static_cast<float>(std::log(double{beta}) - std::log(double{one_minus_beta}));
+  return c;
+}
+
 struct DivTerm {
-  float loss, q;
+  float loss, dq;
 };
 
 // Forward KL(p_t || p_s) with v = log p_s - log p_t = -d, as pass 3 of process_row: the term
-// p_t (e^v - 1 - v) (>= 0, series for small |v|) and the gradient p_s - p_t (= p_t expm1(v)) in q.
+// p_t (e^v - 1 - v) (>= 0, series for small |v|) and the gradient p_s - p_t (= p_t expm1(v)) in dq.
 inline DivTerm forward_kl_term(float ps, float pt, float d) {
   const float v = -d;
   const bool small = is_small(v);
@@ -37,60 +59,119 @@ inline DivTerm forward_kl_term(float ps, float pt, float d) {
 }
 
 // Reverse KL(p_s || p_t): the term p_s (e^d - 1 - d) (= p_t - p_s - p_s d, >= 0 summed over the
-// row) and q = log(p_s / p_t) = -d.
-inline DivTerm reverse_kl_term(float ps, float pt, float d) {
+// row) and q = log(p_s / p_t) = -d, so dq = -dd.
+inline DivTerm reverse_kl_term(float ps, float pt, float d, float dd) {
   const bool small = is_small(d);
   const float loss = small ? ps * exp_minus_1_minus_x_small(d) : (pt - ps) - (ps > 0.0f ? ps * d : 0.0f);
-  return {loss, ps > 0.0f ? -d : 0.0f};
+  return {loss, ps > 0.0f ? -dd : 0.0f};
 }
 
-// log(M / p_s) and log(M / p_t) for M = beta p_t + (1 - beta) p_s, from d alone: nothing
-// underflows where both log-probabilities lie far below -104 (p_s and p_t are 0 in fp32 there),
-// and both are exact 0 at d = 0. With x = -|d| <= 0 the ratio on the side of the larger
-// probability is log(b + a e^x) (a = the weight of the smaller side, b = 1 - a): as
-// log1p(a expm1(x)) for small |x| (exact at 0; the log1p undoes the rounding of 1 + w), directly
-// otherwise (a sum of two positive terms). The other side's ratio differs by d. Both branches
-// share one evaluation of the log's series (fd_log_join): the small one passes w straight as the
-// log1p argument, so 1 + w is never rounded.
-inline void jsd_log_ratios(float d, const DivConsts& c, float& rho_s, float& rho_t) {
-  const bool student_larger = d <= 0.0f;  // false for NaN, which then propagates
-  const float a = student_larger ? c.beta : c.one_minus_beta;
-  const float b = student_larger ? c.one_minus_beta : c.beta;
-  const float x = student_larger ? d : -d;
-  const bool small = x > -0.25f;
-  float e, f;
-  fd_log_split(b + a * fd_exp2(x * 1.44269504088896341f), e, f);
-  const float r = fd_log_join(small ? 0.0f : e, small ? a * expm1_small(x) : f);
-  rho_s = student_larger ? r : r + d;
-  rho_t = student_larger ? r - d : r;
+// log1p(x) for x in [-1/4, 1]: fd_log_join's series with f = x directly below 1/2 (1 + x is
+// never rounded, so a tiny x keeps its digits), else with 1 + x = 2 (1 + f), f = (x - 1) / 2
+// (exact).
+inline float log1p_unit(float x) {
+  const bool big = x >= 0.5f;
+  return fd_log_join(big ? 1.0f : 0.0f, big ? 0.5f * (x - 1.0f) : x);
 }
 
-// Generalised JSD at 0 < beta < 1: the term -beta p_t log(M/p_t) - (1 - beta) p_s log(M/p_s),
-// which is >= 0 for every column (log-sum inequality) and clamped there against rounding, and
-// q = (1 - beta) log(p_s / M).
-inline DivTerm jsd_term(float ps, float pt, float d, const DivConsts& c) {
-  float rho_s, rho_t;
-  jsd_log_ratios(d, c, rho_s, rho_t);
-  const float from_t = pt > 0.0f ? pt * rho_t : 0.0f;
-  const float from_s = ps > 0.0f ? ps * rho_s : 0.0f;
-  const float loss = -(c.beta * from_t + c.one_minus_beta * from_s);
-  return {loss < 0.0f ? 0.0f : loss, ps > 0.0f ? -c.one_minus_beta * rho_s : 0.0f};
+// The JSD term for |d| < 1/8, where the direct form is a difference of two first-order
+// quantities that leaves a second-order one (relative error ~2e-3 at |d| ~ 1e-4, a student close
+// to its teacher). With p = p_s, a = beta, x = d (or p_t, 1 - beta and -d when beta > 1/2: the
+// term is symmetric under that swap, and the smaller weight keeps the remaining cancellation
+// below a factor 2), the term is p (a g(x) - h(u)) with u = a expm1(x),
+// g(x) = x e^x - e^x + 1 = sum_n (n - 1) x^n / n! and h(u) = (1 + u) log1p(u) - u
+// = sum_k (-1)^k u^k / (k (k - 1)), both as series.
+inline float jsd_small_term(float ps, float pt, float d, const DivConsts& c) {
+  const bool lo = c.beta <= 0.5f;
+  const float a = lo ? c.beta : c.one_minus_beta;
+  const float p = lo ? ps : pt;
+  const float x = lo ? d : -d;
+  float g = 1.0f / 5760.0f;
+  g = g * x + 1.0f / 840.0f;
+  g = g * x + 1.0f / 144.0f;
+  g = g * x + 1.0f / 30.0f;
+  g = g * x + 1.0f / 8.0f;
+  g = g * x + 1.0f / 3.0f;
+  g = g * x + 0.5f;
+  const float u = a * expm1_small(x);
+  float h = -1.0f / 72.0f;
+  h = h * u + 1.0f / 56.0f;
+  h = h * u - 1.0f / 42.0f;
+  h = h * u + 1.0f / 30.0f;
+  h = h * u - 1.0f / 20.0f;
+  h = h * u + 1.0f / 12.0f;
+  h = h * u - 1.0f / 6.0f;
+  h = h * u + 0.5f;
+  return p * (a * g * (x * x) - h * (u * u));
 }
 
-// Total variation 1/2 |p_s - p_t| and q = sign(p_s - p_t) / 2 (sign 0 at a tie, as torch's abs). p_s - p_t = -p_s expm1(d) by the series for small |d|, where the difference cancels.
-inline DivTerm tvd_term(float ps, float pt, float d) {
-  const float diff = is_small(d) ? -ps * expm1_small(d) : ps - pt;
-  const float q = diff > 0.0f ? 0.5f : (diff < 0.0f ? -0.5f : 0.0f);
-  return {0.5f * (diff < 0.0f ? -diff : diff), q};
+// Generalised JSD at 0 < beta < 1, M = beta p_t + (1 - beta) p_s. With l = log(M / p_s)
+// = log(1 - beta) + softplus(z), z = d + log(beta / (1 - beta)), the term is
+// -beta p_t log(M / p_t) - (1 - beta) p_s l (>= 0 for every column by the log-sum inequality;
+// clamped there against rounding; the series of jsd_small_term for |d| < 1/8) and
+// q = -(1 - beta) l, so dq = -(1 - beta) lam with lam = l - l_ref, measured two ways:
+// - |dd| < 1/4: lam = log1p(w_ref expm1(dd)), w_ref = sigmoid(z_ref), exact 0 at the reference
+//   and precise where the student is close to the teacher;
+// - else: lam = (max(z, 0) - max(z_ref, 0)) + (log1p(e^-|z|) - log1p(e^-|z_ref|)), where the
+//   first difference is dd itself when both z are positive, and each log1p keeps its digits
+//   when tiny (the columns where the teacher's probability is negligible, whose q is otherwise
+//   one constant plus its rounding). Nothing here underflows where both log-probabilities lie
+//   far below -104 (p_s and p_t are 0 in fp32 there, and the terms are masked).
+inline DivTerm jsd_term(float ps, float pt, float d, float dd, const DivConsts& c) {
+  const bool near_ref = is_small(dd);
+  const float z = d + c.log_lp;
+  const float mz = z > 0.0f ? z : 0.0f;
+  const float mzn = z < 0.0f ? -z : 0.0f;  // max(-z, 0): mz - z is NaN at z = +inf (p_s = 0)
+  const float arg = near_ref ? c.w_ref * expm1_small(dd) : fd_exp2(-(mz + mzn) * 1.44269504088896341f);
+  const float lg = log1p_unit(arg);
+  const float mdiff = c.z_ref_pos && z > 0.0f ? dd : mz - c.mz_ref;
+  const float lam = near_ref ? lg : mdiff + (lg - c.lg_ref);
+  const float ell_s = c.ell_ref + lam;                                    // log(M / p_s)
+  const float ell_t = near_ref ? ell_s - d : c.log_b + lg + mzn;  // log(M / p_t)
+  const float from_t = pt > 0.0f ? pt * ell_t : 0.0f;
+  const float from_s = ps > 0.0f ? ps * ell_s : 0.0f;
+  float loss = -(c.beta * from_t + c.one_minus_beta * from_s);
+  if (d > -0.125f && d < 0.125f) loss = jsd_small_term(ps, pt, d, c);
+  return {loss < 0.0f ? 0.0f : loss, ps > 0.0f ? -c.one_minus_beta * lam : 0.0f};
+}
+
+// q of the total variation: sign(p_s - p_t) / 2 (0 at a tie, as torch's abs) from
+// p_s - p_t = -p_s expm1(d) by the series for small |d|, where the difference cancels.
+inline float tvd_diff(float ps, float pt, float d) {
+  return is_small(d) ? -ps * expm1_small(d) : ps - pt;
+}
+inline float tvd_q(float diff) { return diff > 0.0f ? 0.5f : (diff < 0.0f ? -0.5f : 0.0f); }
+
+// Total variation 1/2 |p_s - p_t|, dq = q - q_ref (exact: q is +-1/2 or 0).
+inline DivTerm tvd_term(float ps, float pt, float d, const DivConsts& c) {
+  const float diff = tvd_diff(ps, pt, d);
+  return {0.5f * (diff < 0.0f ? -diff : diff), ps > 0.0f ? tvd_q(diff) - c.q_ref : 0.0f};
 }
 
 template <int DIV>
-inline DivTerm divergence_term(float ps, float pt, float d, const DivConsts& c) {
+inline DivTerm divergence_term(float ps, float pt, float d, float dd, const DivConsts& c) {
   if constexpr (DIV == kForwardKL) return forward_kl_term(ps, pt, d);
-  if constexpr (DIV == kReverseKL) return reverse_kl_term(ps, pt, d);
-  if constexpr (DIV == kJSD) return jsd_term(ps, pt, d, c);
-  if constexpr (DIV == kTVD) return tvd_term(ps, pt, d);
+  if constexpr (DIV == kReverseKL) return reverse_kl_term(ps, pt, d, dd);
+  if constexpr (DIV == kJSD) return jsd_term(ps, pt, d, dd, c);
+  if constexpr (DIV == kTVD) return tvd_term(ps, pt, d, c);
   return {0.0f, 0.0f};
+}
+
+// The per-row part of c for DIV, from the reference column's p_s, p_t and d (in double: these
+// constants carry no rounding the columns would inherit beyond their own).
+template <int DIV>
+inline void set_reference(float ps, float pt, float d, DivConsts& c) {
+  if constexpr (DIV == kTVD) c.q_ref = tvd_q(tvd_diff(ps, pt, d));
+  if constexpr (DIV == kJSD) {
+    const float z = d + c.log_lp;  // as jsd_term forms it
+    const double zd = z;
+    c.w_ref = static_cast<float>(1.0 / (1.0 + std::exp(-zd)));  // 0 for z = -inf
+    c.mz_ref = z > 0.0f ? z : 0.0f;
+    c.z_ref_pos = z > 0.0f;
+    c.lg_ref = static_cast<float>(std::log1p(std::exp(-std::fabs(zd))));
+    // log((1 - beta) + beta e^d), exact 0 at d = 0
+    c.ell_ref = static_cast<float>(std::log1p(static_cast<double>(c.beta) * std::expm1(double{d})));
+  }
 }
 
 }  // namespace

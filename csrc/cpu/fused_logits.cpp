@@ -264,72 +264,80 @@ struct DivParams {
   DivConsts c;
 };
 
+// The student's most probable column (the first of equal ones) from pass 2's e_s: the reference
+// column that divergence_passes measures q from. One pass over the L2-resident scratch.
+inline int64_t argmax_row(const float* e, int64_t V) {
+  constexpr int64_t kBlock = FD_BLOCK;
+  float best = -1.0f;
+  int64_t at = 0;
+  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+    const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
+    float m = -1.0f;
+#pragma omp simd reduction(max : m)
+    for (int64_t j = j0; j < j1; ++j) m = e[j] > m ? e[j] : m;
+    if (m > best) best = m, at = j0;
+  }
+  while (at + 1 < V && e[at] != best) ++at;
+  return at;
+}
+
 // Passes 3 and 4 of a divergence other than process_row's forward KL, on pass 2's scratch
 // (e_s, e_t (at T), e_u = log(e_s / e_t) and e_1 (CE)), shared by process_row and divergence_row:
-// pass 3 evaluates the divergence column function (divergences.h) from p_s, p_t and
-// d = delta - u (delta = log(z_s / z_t)) and keeps its q over e_t; pass 4 writes the gradient
-// w.r.t. the raw student logits S, times dfac (CAP) or scale. res.kl receives the row's value.
+// pass 3 evaluates the divergence column function (divergences.h) from p_s, p_t,
+// d = delta - u (delta = log(z_s / z_t)) and dd = u_ref - u (= d - d_ref, the reference column
+// being the student's most probable one), keeps dq = q - q_ref over e_t and sums p_s dq; pass 4
+// writes the gradient p_s (dq - sum p_s dq) w.r.t. the raw student logits S, times dfac (CAP) or
+// scale. With q measured from that column the sum has no large term (no second correction pass
+// is needed where that column's p_s is close to 1). res.kl receives the row's value.
 template <typename S, typename T, int DIV, bool KL, bool CE, bool MSE, bool CAP>
 void divergence_passes(const S* s, const S* t, int64_t V, const DivParams& p, float scale,
                        int64_t label, RowWeights w, T* g, const float* dfac, float* e_s,
                        float* e_t, const float* e_u, const float* e_1, double zs_d, double zt_d,
                        float delta, double z1_d, RowResult& res) {
   constexpr int64_t kBlock = FD_BLOCK;
-  // Pass 3: the divergence terms, q over e_t, and s0 = sum p_s q.
+  // Pass 3: the divergence terms, dq over e_t, and s0 = sum p_s dq.
   const float inv_zs = static_cast<float>(1.0 / zs_d), inv_zt = static_cast<float>(1.0 / zt_d);
-  constexpr bool kRowSum = DIV != kForwardKL;  // forward KL's q is its gradient already
-  double loss_d = 0.0, s0_d = 0.0;
+  constexpr bool kRowSum = DIV != kForwardKL;  // forward KL's dq is its gradient already
+  float s0 = 0.0f;
   if constexpr (KL) {
-    const DivConsts c = p.c;
+    DivConsts c = p.c;
+    float u_ref = 0.0f;
+    if constexpr (kRowSum) {
+      const int64_t ref = argmax_row(e_s, V);
+      u_ref = e_u[ref];
+      set_reference<DIV>(e_s[ref] * inv_zs, e_t[ref] * inv_zt, delta - u_ref, c);
+    }
+    double loss_d = 0.0, s0_d = 0.0;
     float* const q_ = e_t;  // locals for the loop (see pass 2)
     const float* const es_ = e_s;
     const float* const eu_ = e_u;
     for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
       const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
-      float loss = 0.0f, s0 = 0.0f;
+      float loss = 0.0f, sq = 0.0f;
 #if FD_JSD_AVX512
       if constexpr (DIV == kJSD) {  // the hand-vectorised loop (divergences_avx512.h)
-        jsd_pass3_avx512(es_, q_, eu_, j0, j1, inv_zs, inv_zt, delta, c, loss, s0);
-        loss_d += loss, s0_d += s0;
+        jsd_pass3_avx512(es_, q_, eu_, j0, j1, inv_zs, inv_zt, delta, u_ref, c, loss, sq);
+        loss_d += loss, s0_d += sq;
         continue;
       }
 #endif
-#pragma omp simd reduction(+ : loss, s0)
+#pragma omp simd reduction(+ : loss, sq)
       for (int64_t j = j0; j < j1; ++j) {
         const float ps = es_[j] * inv_zs, pt = q_[j] * inv_zt;
-        const DivTerm term = divergence_term<DIV>(ps, pt, delta - eu_[j], c);
-        q_[j] = term.q;
+        const DivTerm term = divergence_term<DIV>(ps, pt, delta - eu_[j], u_ref - eu_[j], c);
+        q_[j] = term.dq;
         loss += term.loss;
-        if constexpr (kRowSum) s0 += ps * term.q;
+        if constexpr (kRowSum) sq += ps * term.dq;
       }
-      loss_d += loss, s0_d += s0;
+      loss_d += loss, s0_d += sq;
     }
     res.kl = static_cast<float>(p.t2 ? loss_d * p.temp * p.temp : loss_d);
+    s0 = static_cast<float>(s0_d);
   }
   if (!g) return;
 
-  // The gradient p_s (q - qbar), qbar = sum p_s q, needs q - qbar to its own precision where it
-  // is small against q: at a column of p_s close to 1 (low T), and for TVD's +-1/2 wherever
-  // the row is lopsided. qbar = s0 + s1 with the correction s1 = sum p_s (q - s0), whose terms
-  // are small exactly there (a second, cheap pass over the L2-resident scratch).
-  float s0 = 0.0f, s1 = 0.0f;
-  if constexpr (KL && kRowSum) {
-    s0 = static_cast<float>(s0_d);
-    const float* const q_ = e_t;
-    const float* const es_ = e_s;
-    double s1_d = 0.0;
-    for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
-      const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
-      float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t j = j0; j < j1; ++j) acc += es_[j] * (q_[j] - s0);
-      s1_d += acc;
-    }
-    s1 = static_cast<float>(s1_d * inv_zs);
-  }
-
   // Pass 4: the gradient w.r.t. the raw student logits, through an L1 tile to memory.
-  //   kl:  p_s,j ((q_j - s0) - s1) (forward KL: q_j);  ce: softmax(s') - onehot(label);
+  //   kl:  p_s,j (dq_j - s0) (forward KL: dq_j);  ce: softmax(s') - onehot(label);
   //   mse: 2 (s' - t');  all times dx'/dx. (1/T, 2 and the weights are folded into w.)
   const float wkl_zs = w.kl * inv_zs;
   const float wce_1 = CE ? static_cast<float>(w.ce / z1_d) : 0.0f;
@@ -339,7 +347,7 @@ void divergence_passes(const S* s, const S* t, int64_t V, const DivParams& p, fl
 #pragma omp simd
     for (int64_t j = j0; j < j1; ++j) {
       float gv = 0.0f;
-      if constexpr (KL) gv = kRowSum ? wkl_zs * e_s[j] * ((e_t[j] - s0) - s1) : w.kl * e_t[j];
+      if constexpr (KL) gv = kRowSum ? wkl_zs * e_s[j] * (e_t[j] - s0) : w.kl * e_t[j];
       if constexpr (CE) gv += wce_1 * e_1[j] - (j == label ? w.ce : 0.0f);
       if constexpr (MSE) gv += w.mse * (load(s, j) - load(t, j)) * scale;
       tile[j - j0] = gv * (CAP ? dfac[j] : scale);
@@ -466,10 +474,11 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
   const bool kl_bad = KL && !std::isfinite(zs_d + zt_d);
   const bool ce_bad = CE && !std::isfinite(z1_d);
   if (kl_bad || ce_bad) {
+    // The label's logit is read before nan_row fills the gradient: g may be s itself (the fused
+    // linear loss writes a chunk's gradient over its logits).
+    const double x_label = CE && !ce_bad ? double{load(s, label)} : 0.0;
     nan_row();
-    if (CE && !ce_bad) {
-      res.ce = static_cast<float>(static_cast<double>(ms) + std::log(z1_d) - load(s, label));
-    }
+    if (CE && !ce_bad) res.ce = static_cast<float>(static_cast<double>(ms) + std::log(z1_d) - x_label);
     if (MSE) res.mse = static_cast<float>(sq_d);
     return res;
   }
@@ -658,8 +667,9 @@ RowResult divergence_row(const S* s, const S* t, int64_t V, const DivParams& p, 
   const bool ce_bad = CE && !std::isfinite(z1_d);
   const auto x_label = [&] { return static_cast<double>(load(s, label) * scale); };
   if (kl_bad || ce_bad) {
+    const double xl = CE && !ce_bad ? x_label() : 0.0;  // before nan_row: g may be s (process_row)
     nan_row();
-    if (CE && !ce_bad) res.ce = static_cast<float>(ms + std::log(z1_d) - x_label());
+    if (CE && !ce_bad) res.ce = static_cast<float>(ms + std::log(z1_d) - xl);
     if (MSE) res.mse = static_cast<float>(sq_d);
     return res;
   }
@@ -784,7 +794,7 @@ void run(const FusedLogitsArgs& a) {
                      a.t2_scale,
                      a.logit_scale,
                      a.softcap,
-                     DivConsts{a.beta, a.one_minus_beta}};
+                     jsd_consts(a.beta, a.one_minus_beta)};
 
   auto row = [&](int64_t r) -> RowResult {
     const T* s = S + r * a.student_row_stride;

@@ -257,35 +257,12 @@ def linear_distillation(
             terms=terms, compute_grad=compute_grad, temperature=temperature,
             ignore_index=ignore_index, transform=transform, grad_into=s,
         )  # fmt: skip
-        part = res.out[0:3]
-        # A row whose divergence sums are not finite (a NaN in the teacher's logits) has its CE
-        # read by the CPU kernel after its gradient row is filled with NaN: over the logits, that
-        # would turn the (finite) CE into NaN. Only then, the chunk's CE from its logits formed
-        # again (in_place is CPU only: reading the sum here is a load, not a device sync).
-        if res.in_place and ce and kd and not bool(torch.isfinite(part[1])):
-            buf = teacher_buf if teacher_buf is not None else _empty_f32(rows, v, device)
-            part = torch.stack([part[0], part[1], _chunk_ce(
-                buf, student_hidden[sl], student_weight, student_bias, lab, alpha_ce,
-                ignore_index, transform,
-            )])  # fmt: skip
-        return part, res.grad if compute_grad else None
+        return res.out[0:3], res.grad if compute_grad else None
 
     return run_linear_chunks(
         student_hidden, student_weight, student_bias, labels, normalizer, ignore_index, rows,
         (grad_hidden, grad_weight, grad_bias), chunk_loss,
     )  # fmt: skip
-
-
-def _chunk_ce(buf, hidden, weight, bias, labels, alpha_ce, ignore_index, transform) -> Tensor:
-    """The chunk's summed CE (its [2] of the kernel's sums), from its student logits formed again
-    into ``buf``."""
-    s = _logits_into(buf[: hidden.shape[0]], hidden, weight, _wide(weight), _wide(bias))
-    terms = Terms(ce=True, w_ce=alpha_ce, norm_ce=_native.NORM_SUM)
-    res = run_fused_logits(
-        "distillation_divergence", s, None, labels, None, terms=terms, compute_grad=False,
-        ignore_index=ignore_index, transform=transform,
-    )  # fmt: skip
-    return res.out[2]
 
 
 def _finish(sums, labels, ignore_index, n, normalizer, hidden, weight, grads):
