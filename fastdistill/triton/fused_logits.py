@@ -27,6 +27,14 @@ import triton
 import triton.language as tl
 
 from fastdistill.triton._common import INTERPRETED, num_warps_for, store_output, tile_shape
+from fastdistill.triton.divergences import (
+    _is_small,
+    _log1p,
+    _series_e_minus_1_minus_x,
+    divergence_terms,
+    reference_consts,
+    two_diff,
+)
 
 # Module constants read inside kernels must be tl.constexpr (compiled Triton rejects plain globals).
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -35,31 +43,6 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # The interpreter (tests without a GPU) pays a Python overhead per operation instead: larger tiles,
 # still small enough that V = 32000 and 128256 run the multi-tile loop.
 MAX_BLOCK = 16384 if INTERPRETED else 4096
-
-
-@triton.jit
-def _series_e_minus_1_minus_x(v):
-    # e^v − 1 − v to v^7: below 2e-8 relative for |v| < 1/4, where the direct form cancels.
-    q = 1.0 / 5040.0
-    q = q * v + 1.0 / 720.0
-    q = q * v + 1.0 / 120.0
-    q = q * v + 1.0 / 24.0
-    q = q * v + 1.0 / 6.0
-    q = q * v + 0.5
-    return q * v * v
-
-
-@triton.jit
-def _is_small(v):
-    return (v > -0.25) & (v < 0.25)  # false for NaN and ±inf
-
-
-@triton.jit
-def _log1p(x):
-    # log(1 + x) with the rounding of 1 + x undone (u − 1 is exact; Goldberg's trick): a few ulps
-    # for all x, where log(1 + x) alone loses ~6e-8/|x| relative for small x.
-    u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
 
 
 @triton.jit
@@ -115,53 +98,6 @@ def _load_tiles(
 
 
 @triton.jit
-def _expm1_small(v):
-    return _series_e_minus_1_minus_x(v) + v
-
-
-@triton.jit
-def _jsd_log_ratios(d, beta, omb):
-    """log(M / p_s) and log(M / p_t), M = β p_t + (1 − β) p_s, from d = log p_t − log p_s
-    alone (as csrc/cpu/divergences.h): nothing underflows where both log-probabilities are far
-    below −104, and both are exact 0 at d = 0."""
-    student_larger = d <= 0.0  # false for NaN, which then propagates
-    a = tl.where(student_larger, beta, omb)
-    b = tl.where(student_larger, omb, beta)
-    x = tl.where(student_larger, d, -d)  # <= 0
-    small = x > -0.25
-    ex = tl.exp(x)
-    w = a * tl.where(small, _expm1_small(x), ex - 1.0)
-    u = tl.where(small, 1.0 + w, b + a * ex)
-    log_u = tl.log(u)
-    # log1p(w) with the rounding of 1 + w undone (see _log1p)
-    r = tl.where(small, tl.where(u == 1.0, w, log_u * (w / (u - 1.0))), log_u)
-    return tl.where(student_larger, r, r + d), tl.where(student_larger, r - d, r)
-
-
-@triton.jit
-def _divergence_terms(ps, pt, d, beta, omb, DIV: tl.constexpr):
-    """A column's loss term and q = dL/dp_s (0 where p_s = 0) for the reverse KL (DIV 1), JSD
-    (2) and TVD (3), from p_s, p_t and d = log p_t − log p_s (see csrc/cpu/divergences.h)."""
-    if DIV == 1:
-        small = _is_small(d)
-        direct = (pt - ps) - tl.where(ps > 0.0, ps * d, 0.0)
-        loss = tl.where(small, ps * _series_e_minus_1_minus_x(d), direct)
-        q = tl.where(ps > 0.0, -d, 0.0)
-    elif DIV == 2:
-        rho_s, rho_t = _jsd_log_ratios(d, beta, omb)
-        from_t = tl.where(pt > 0.0, pt * rho_t, 0.0)
-        from_s = tl.where(ps > 0.0, ps * rho_s, 0.0)
-        loss = -(beta * from_t + omb * from_s)
-        loss = tl.where(loss < 0.0, 0.0, loss)  # >= 0 per column; NaN stays NaN
-        q = tl.where(ps > 0.0, -omb * rho_s, 0.0)
-    else:
-        diff = tl.where(_is_small(d), -ps * _expm1_small(d), ps - pt)
-        loss = 0.5 * tl.abs(diff)
-        q = tl.where(diff > 0.0, 0.5, tl.where(diff < 0.0, -0.5, 0.0))
-    return loss, q
-
-
-@triton.jit
 def _tile_stats(
     xs, xt, in_tile, c_t, inv_t,
     ms, zs, mt, zt, dz, m1, z1, sq,
@@ -206,14 +142,17 @@ def _tile_stats(
 def _tile_outputs(
     xs, xt, cols, label, c_t, inv_t,
     ms, mt, inv_zs, inv_zt, delta, m1, inv_z1,
-    w_kl, w_ce, w_mse, beta, omb, q_ref, s_corr,
+    w_kl, w_ce, w_mse, beta, omb, log_ratio,
+    ref_hi, ref_lo, ref_q, ref_w, ref_sp, s_corr,
     KL: tl.constexpr, CE: tl.constexpr, MSE: tl.constexpr, SHARE: tl.constexpr,
     DIV: tl.constexpr, GRAD_KL: tl.constexpr,
 ):  # fmt: skip
     """One (ROWS, BLOCK) tile's divergence terms and gradient (pass B); per-row values are
     (ROWS,). A term whose weight is 0 adds nothing (the where() keeps NaN of an inactive term from
-    leaking in). For DIV != 0 also returns corr = p_s (q − q_ref), whose row sum s_corr the
-    divergence gradient p_s ((q − q_ref) − s_corr) needs: it is added only with GRAD_KL."""
+    leaking in). For DIV != 0 also returns corr = p_s dq (dq = q − q_ref, divergences.py), whose
+    row sum s_corr the divergence gradient p_s (dq − s_corr) needs: it is added only with GRAD_KL;
+    ref_hi + ref_lo is the reference column's s' − t', ref_q, ref_w, ref_sp its constants
+    (reference_consts)."""
     kl_terms = tl.zeros_like(xs)
     corr = kl_terms
     grad = tl.zeros_like(xs)
@@ -232,8 +171,14 @@ def _tile_outputs(
             kl_terms = tl.where(small, pt * phi, direct)
             grad += tl.where(w != 0.0, w * tl.where(small, pt * (phi + v), ps - pt), 0.0)
         else:
-            kl_terms, q = _divergence_terms(ps, pt, -v, beta, omb, DIV)
-            dq = q - q_ref[:, None]
+            # d − d_ref = ((s'_ref − t'_ref) − (s' − t')) / T, each logit difference taken
+            # exactly (hi + lo): a rounded s' − t' is exact only close to the teacher; far from
+            # it (|s' − t'| ~ 10) its rounding, over T = 0.05, cost up to 4e-6 of the gradient.
+            dt_hi, dt_lo = two_diff(xs, xt)
+            drel = ((ref_hi[:, None] - dt_hi) + (ref_lo[:, None] - dt_lo)) * inv_t
+            kl_terms, dq = divergence_terms(
+                ps, pt, -v, drel, beta, omb, log_ratio, ref_q, ref_w, ref_sp, DIV
+            )
             corr = tl.where(ps > 0.0, ps * dq, 0.0)
             if GRAD_KL:
                 grad += tl.where(w != 0.0, w * ps * (dq - s_corr[:, None]), 0.0)
@@ -280,9 +225,11 @@ def _fused_logits_rows(
     kl_mult = temperature * temperature if T2 else 1.0
     beta = 0.5
     omb = 0.5
+    log_ratio = 0.0
     if DIV == 2:
         beta = tl.load(scales_ptr + 3)
         omb = tl.load(scales_ptr + 4)
+        log_ratio = tl.log(beta / omb)
     logit_scale = 1.0
     softcap = 1.0
     if TRANSFORM != 0:
@@ -374,10 +321,15 @@ def _fused_logits_rows(
     mt_safe = _finite_or_zero(mt)
     m1_safe = _finite_or_zero(m1)
 
-    # q at the student's most probable column: the gradient p_s (q − qbar) is formed as
-    # p_s ((q − q_ref) − Σ p_s (q − q_ref)), whose sum has no large term to lose digits to when
-    # that column's p_s is close to 1 (low T).
-    q_ref = tl.zeros((ROWS,), tl.float32)
+    # The reference column, the student's most probable one: the gradient p_s (q − qbar) is
+    # formed as p_s (dq − Σ p_s dq), dq = q − q_ref, whose sum has no large term to lose digits to
+    # when that column's p_s is close to 1 (low T); dq comes from the logit differences of each
+    # column and this one (divergences.py), exact 0 here.
+    ref_hi = tl.zeros((ROWS,), tl.float32)
+    ref_lo = ref_hi
+    ref_q = ref_hi
+    ref_w = ref_hi
+    ref_sp = ref_hi
     if ROW_SUM:
         xs_top = tl.load(s_rows + arg, mask=row_ok, other=0.0).to(tl.float32)
         xt_top = tl.load(t_rows + arg, mask=row_ok, other=0.0).to(tl.float32)
@@ -385,8 +337,9 @@ def _fused_logits_rows(
         xt_top, _unused = _transform(xt_top, logit_scale, softcap, TRANSFORM)
         ps_top = tl.exp2((xs_top - ms_safe) * c_t) * inv_zs
         pt_top = tl.exp2((xt_top - mt_safe) * c_t) * inv_zt
-        d_top = delta - ((xs_top - xt_top) - (ms_safe - mt_safe)) * inv_t
-        _unused, q_ref = _divergence_terms(ps_top, pt_top, d_top, beta, omb, DIV)
+        ref_hi, ref_lo = two_diff(xs_top, xt_top)
+        d_top = delta - (ref_hi - (ms_safe - mt_safe)) * inv_t
+        ref_q, ref_w, ref_sp = reference_consts(ps_top, pt_top, d_top, log_ratio, DIV)
 
     # ---- pass B: divergence terms and the gradient (pass C writes it for ROW_SUM) ----
     kl_acc = tl.zeros((ROWS,), tl.float32)
@@ -394,16 +347,16 @@ def _fused_logits_rows(
     if SINGLE:
         kl_terms, grad, corr = _tile_outputs(
             xs, xt, cols0, label, c_t, inv_t, ms_safe, mt_safe, inv_zs, inv_zt, delta, m1_safe,
-            inv_z1, w_kl, w_ce, w_mse, beta, omb, q_ref, s_corr,
-            KL, CE, MSE, SHARE, DIV, not ROW_SUM,
+            inv_z1, w_kl, w_ce, w_mse, beta, omb, log_ratio, ref_hi, ref_lo, ref_q, ref_w,
+            ref_sp, s_corr, KL, CE, MSE, SHARE, DIV, not ROW_SUM,
         )  # fmt: skip
         kl_acc = tl.sum(tl.where(in_tile, kl_terms, 0.0), axis=1)
         if ROW_SUM:
             s_corr = tl.sum(tl.where(in_tile, corr, 0.0), axis=1)
             kl_terms, grad, corr = _tile_outputs(
                 xs, xt, cols0, label, c_t, inv_t, ms_safe, mt_safe, inv_zs, inv_zt, delta,
-                m1_safe, inv_z1, w_kl, w_ce, w_mse, beta, omb, q_ref, s_corr,
-                KL, CE, MSE, SHARE, DIV, True,
+                m1_safe, inv_z1, w_kl, w_ce, w_mse, beta, omb, log_ratio, ref_hi, ref_lo, ref_q,
+                ref_w, ref_sp, s_corr, KL, CE, MSE, SHARE, DIV, True,
             )  # fmt: skip
         if WRITE_GRAD:
             if TRANSFORM != 0:
@@ -418,8 +371,8 @@ def _fused_logits_rows(
             )
             kl_terms, grad, corr = _tile_outputs(
                 xs, xt, cols, label, c_t, inv_t, ms_safe, mt_safe, inv_zs, inv_zt, delta, m1_safe,
-                inv_z1, w_kl, w_ce, w_mse, beta, omb, q_ref, s_corr,
-                KL, CE, MSE, SHARE, DIV, not ROW_SUM,
+                inv_z1, w_kl, w_ce, w_mse, beta, omb, log_ratio, ref_hi, ref_lo, ref_q, ref_w,
+                ref_sp, s_corr, KL, CE, MSE, SHARE, DIV, not ROW_SUM,
             )  # fmt: skip
             kl_acc += tl.sum(tl.where(in_tile, kl_terms, 0.0), axis=1)
             if ROW_SUM:
@@ -439,8 +392,8 @@ def _fused_logits_rows(
                 )  # fmt: skip
                 kl_terms, grad, corr = _tile_outputs(
                     xs, xt, cols, label, c_t, inv_t, ms_safe, mt_safe, inv_zs, inv_zt, delta,
-                    m1_safe, inv_z1, w_kl, w_ce, w_mse, beta, omb, q_ref, s_corr,
-                    KL, CE, MSE, SHARE, DIV, True,
+                    m1_safe, inv_z1, w_kl, w_ce, w_mse, beta, omb, log_ratio, ref_hi, ref_lo,
+                    ref_q, ref_w, ref_sp, s_corr, KL, CE, MSE, SHARE, DIV, True,
                 )  # fmt: skip
                 if TRANSFORM != 0:
                     grad = grad * dfac
