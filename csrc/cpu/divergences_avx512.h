@@ -12,6 +12,18 @@ namespace fastdistill {
 namespace FD_ISA {
 namespace {
 
+// The next row pair's bytes [from, to) into L2 (as pass 2 does when it prefetches them): a real
+// load of each 4 KiB page's first line first, so that the prefetches are not dropped on TLB misses.
+inline void prefetch_span(const NextRows& next, int64_t from, int64_t to) {
+  if (to > next.bytes) to = next.bytes;
+  for (int64_t off = from; off < to; off += 64) {
+    simd16::touch_page_start(next.s + off);
+    simd16::touch_page_start(next.t + off);
+    _mm_prefetch(next.s + off, _MM_HINT_T1);
+    _mm_prefetch(next.t + off, _MM_HINT_T1);
+  }
+}
+
 // log1p_unit (divergences.h) on 16 lanes, x in [-1/4, 1].
 inline __m512 log1p_unit16(__m512 x) {
   const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
@@ -61,7 +73,8 @@ inline __m512 jsd_small_term16(__m512 ps, __m512 pt, __m512 d, const DivConsts& 
 // Pass 3 of JSD over columns [j0, j1): dq over e_t, and the block's loss and sum p_s dq.
 inline void jsd_pass3_avx512(const float* e_s, float* e_t, const float* e_u, int64_t j0,
                              int64_t j1, float inv_zs, float inv_zt, float delta, float u_ref,
-                             const DivConsts& c, float& loss_out, float& s0_out) {
+                             const DivConsts& c, const NextRows& next, float& loss_out,
+                             float& s0_out) {
   using namespace simd16;
   const __m512 zero = _mm512_setzero_ps(), sign = _mm512_set1_ps(-0.0f);
   const __m512 v_inv_zs = _mm512_set1_ps(inv_zs), v_inv_zt = _mm512_set1_ps(inv_zt);
@@ -77,6 +90,8 @@ inline void jsd_pass3_avx512(const float* e_s, float* e_t, const float* e_u, int
   const __mmask16 z_ref_pos = c.z_ref_pos ? static_cast<__mmask16>(0xFFFF) : 0;
   __m512 loss = zero, s0 = zero;
   for (int64_t j = j0; j < j1; j += 16) {
+    // One cache line of each next row per 16 columns, spread over the loop (pass 2's rate).
+    if (4 * j < next.bytes) prefetch_span(next, 4 * j, 4 * j + 64);
     const __mmask16 m = tail_mask(j1 - j);
     const __m512 es = _mm512_maskz_loadu_ps(m, e_s + j), et = _mm512_maskz_loadu_ps(m, e_t + j);
     const __m512 u = _mm512_maskz_loadu_ps(m, e_u + j);
