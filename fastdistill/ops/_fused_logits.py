@@ -311,15 +311,16 @@ def fused_logits_gpu(
 
 # Backends whose kernel may write the gradient over the student's logits. In the CPU kernel
 # (csrc/cpu/fused_logits.cpp) one thread owns a row and every read of a student element precedes
-# the write of its gradient (maxima, pass 2 and the label's logit before pass 3/4; the MSE term's
-# re-read in the same loop iteration or tile as that element's write; softcap reads the row into
-# scratch first); pass 2's touch of the next row, another thread's, reads a value it discards. The
-# exception, a row whose divergence sums are not finite (a NaN teacher), has its CE read after its
-# gradient row is filled with NaN: ops/linear_distillation.py recomputes that case. The CUDA kernel
-# reads the label's logit in every thread after the last barrier before pass 2 writes the row (rows
-# without a row-sum divergence: another warp may have written it), and the Triton kernel reads it
-# after its gradient passes: both write to a buffer of their own.
-_IN_PLACE_BACKENDS = frozenset({("native", "cpu")})
+# the write of its gradient (maxima, pass 2 and the label's logit before pass 3/4, and before a
+# row whose sums are not finite is filled with NaN; the MSE term's re-read in the same loop
+# iteration or tile as that element's write; softcap reads the row into scratch first); pass 2's
+# touch of the next row, another thread's, reads a value it discards. In the Triton kernel
+# (fastdistill/triton/fused_logits.py) one program owns a row: the reference column and the
+# label's logit are read before any gradient is stored, and each tile's gradient after that
+# tile's loads. The CUDA kernel reads the label's logit in every thread after the last barrier
+# before pass 2 writes the row (rows without a row-sum divergence: another warp may have written
+# it): it writes to a buffer of its own.
+_IN_PLACE_BACKENDS = frozenset({("native", "cpu"), ("triton", "cpu"), ("triton", "cuda")})
 
 
 def _span(x: Tensor) -> tuple[int, int]:

@@ -19,9 +19,9 @@ How: for each chunk of C rows, the student logits come from one GEMM into a floa
 given logits), the fused logits kernel (CPU core, Triton or CUDA, chosen as for every other op)
 writes d total/d logits for that chunk, and two more GEMMs add the chunk's share to d hidden
 (rows of the chunk) and d W (accumulated in float32). Alive at once, whatever N: the chunk's
-student and teacher logits, 2 · C · V floats, on CPU, where the kernel writes the gradient over
-the student's logits (ops/_fused_logits.py, _IN_PLACE_BACKENDS); 3 · C · V with the Triton and
-CUDA kernels, which write it to a buffer of its own. (Given float32 teacher logits are read where
+student and teacher logits, 2 · C · V floats, with the CPU and Triton kernels, which write the
+gradient over the student's logits (ops/_fused_logits.py, _IN_PLACE_BACKENDS); 3 · C · V with the
+CUDA kernel, which writes it to a buffer of its own. (Given float32 teacher logits are read where
 they are: one buffer fewer.) Nothing is read back to the host: per-chunk sums and the count stay
 on the device, 1/n scales the gradients once at the end.
 With bf16/fp16 inputs on CUDA the forward GEMMs take the inputs as they are and write float32

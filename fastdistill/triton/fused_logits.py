@@ -341,6 +341,13 @@ def _fused_logits_rows(
         d_top = delta - (ref_hi - (ms_safe - mt_safe)) * inv_t
         ref_q, ref_w, ref_sp = reference_consts(ps_top, pt_top, d_top, log_ratio, DIV)
 
+    # The label's logit before any gradient is stored: the gradient may overwrite the student's
+    # logits (the fused linear loss passes the same buffer).
+    x_label = tl.zeros((ROWS,), tl.float32)
+    if CE:
+        x_label = tl.load(s_rows + label, mask=ce_on & label_ok, other=0.0).to(tl.float32)
+        x_label, _unused = _transform(x_label, logit_scale, softcap, TRANSFORM)
+
     # ---- pass B: divergence terms and the gradient (pass C writes it for ROW_SUM) ----
     kl_acc = tl.zeros((ROWS,), tl.float32)
     s_corr = tl.zeros((ROWS,), tl.float32)
@@ -404,8 +411,6 @@ def _fused_logits_rows(
         kl_row = tl.where(kl_on, kl_acc * kl_mult, 0.0)
         tl.store(row_kl_ptr + rows, tl.where(kl_nan, nan, kl_row), mask=row_ok)
     if CE:
-        x_label = tl.load(s_rows + label, mask=ce_on & label_ok, other=0.0).to(tl.float32)
-        x_label, _unused = _transform(x_label, logit_scale, softcap, TRANSFORM)
         # lse(s) − s[label] = (max − s[label]) + log z1: the exact difference first (V = 1 gives 0).
         ce_row = tl.where(ce_on, (m1_safe - x_label) + tl.log(z1), 0.0)
         tl.store(row_ce_ptr + rows, tl.where(ce_nan, nan, ce_row), mask=row_ok)
