@@ -13,8 +13,8 @@
 // leaves the row sum without a large term where that column's p_s is close to 1 (low T), and dq
 // is formed from dd, not as a difference of two rounded q (whose rounding can be all of it, where
 // q is nearly one constant over the columns that carry the student's mass). Forward KL returns
-// its gradient p_s - p_t itself in dq instead (no row sum needed; process_row's own pass 3 serves
-// it). A zero probability contributes nothing whatever the other side holds (0 log 0 = 0), so
+// its gradient p_s - p_t itself in dq instead (no row sum needed; divergence_passes uses it on
+// transformed logits only: process_row has its own pass 3 for it). A zero probability contributes nothing whatever the other side holds (0 log 0 = 0), so
 // -inf logits are ordinary; NaN rows are caught before these functions run.
 #pragma once
 

@@ -686,7 +686,7 @@ RowResult divergence_row(const S* s, const S* t, int64_t V, const DivParams& p, 
   const bool ce_bad = CE && !std::isfinite(z1_d);
   const auto x_label = [&] { return static_cast<double>(load(s, label) * scale); };
   if (kl_bad || ce_bad) {
-    const double xl = CE && !ce_bad ? x_label() : 0.0;  // before nan_row: g may be s (process_row)
+    const double xl = CE && !ce_bad ? x_label() : 0.0;  // before nan_row: g may be s itself
     nan_row();
     if (CE && !ce_bad) res.ce = static_cast<float>(ms + std::log(z1_d) - xl);
     if (MSE) res.mse = static_cast<float>(sq_d);
