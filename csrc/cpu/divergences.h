@@ -14,8 +14,9 @@
 // is formed from dd, not as a difference of two rounded q (whose rounding can be all of it, where
 // q is nearly one constant over the columns that carry the student's mass). Forward KL returns
 // its gradient p_s - p_t itself in dq instead (no row sum needed; divergence_passes uses it on
-// transformed logits only: process_row has its own pass 3 for it). A zero probability contributes nothing whatever the other side holds (0 log 0 = 0), so
-// -inf logits are ordinary; NaN rows are caught before these functions run.
+// transformed logits only: process_row has its own pass 3 for it). A zero probability
+// contributes nothing whatever the other side holds (0 log 0 = 0), so -inf logits are ordinary;
+// NaN rows are caught before these functions run.
 #pragma once
 
 namespace fastdistill {
@@ -27,10 +28,10 @@ struct DivConsts {
   float log_b;                 // JSD: log(beta)
   float log_lp;                // JSD: log(beta / (1 - beta))
   // Per row, from the reference column (set_reference): TVD's q there; JSD's sigmoid and
-  // max(z, 0) of z_ref = d_ref + log_lp, log1p(e^-|z_ref|) and l_ref = log(M / p_s) there.
+  // max(z, 0) of z_ref = d_ref + log_lp (> 0 exactly where z_ref is), log1p(e^-|z_ref|) and
+  // l_ref = log(M / p_s) there.
   float q_ref = 0.0f;
   float w_ref = 0.0f, mz_ref = 0.0f, lg_ref = 0.0f, ell_ref = 0.0f;
-  bool z_ref_pos = false;
 };
 
 // The launch-wide constants: JSD's weights and their logarithms (formed in double).
@@ -122,11 +123,11 @@ inline DivTerm jsd_term(float ps, float pt, float d, float dd, const DivConsts& 
   const float z = d + c.log_lp;
   const float mz = z > 0.0f ? z : 0.0f;
   const float mzn = z < 0.0f ? -z : 0.0f;  // max(-z, 0): mz - z is NaN at z = +inf (p_s = 0)
-  const float arg = near_ref ? c.w_ref * expm1_small(dd) : fd_exp2(-(mz + mzn) * 1.44269504088896341f);
-  const float lg = log1p_unit(arg);
-  const float mdiff = c.z_ref_pos && z > 0.0f ? dd : mz - c.mz_ref;
+  const float e_mz = fd_exp2(-(mz + mzn) * 1.44269504088896341f);  // e^-|z|
+  const float lg = log1p_unit(near_ref ? c.w_ref * expm1_small(dd) : e_mz);
+  const float mdiff = c.mz_ref > 0.0f && z > 0.0f ? dd : mz - c.mz_ref;
   const float lam = near_ref ? lg : mdiff + (lg - c.lg_ref);
-  const float ell_s = c.ell_ref + lam;                                    // log(M / p_s)
+  const float ell_s = c.ell_ref + lam;                            // log(M / p_s)
   const float ell_t = near_ref ? ell_s - d : c.log_b + lg + mzn;  // log(M / p_t)
   const float from_t = pt > 0.0f ? pt * ell_t : 0.0f;
   const float from_s = ps > 0.0f ? ps * ell_s : 0.0f;
@@ -167,7 +168,6 @@ inline void set_reference(float ps, float pt, float d, DivConsts& c) {
     const double zd = z;
     c.w_ref = static_cast<float>(1.0 / (1.0 + std::exp(-zd)));  // 0 for z = -inf
     c.mz_ref = z > 0.0f ? z : 0.0f;
-    c.z_ref_pos = z > 0.0f;
     c.lg_ref = static_cast<float>(std::log1p(std::exp(-std::fabs(zd))));
     // log((1 - beta) + beta e^d), exact 0 at d = 0
     c.ell_ref = static_cast<float>(std::log1p(static_cast<double>(c.beta) * std::expm1(double{d})));

@@ -12,18 +12,6 @@ namespace fastdistill {
 namespace FD_ISA {
 namespace {
 
-// The next row pair's bytes [from, to) into L2 (as pass 2 does when it prefetches them): a real
-// load of each 4 KiB page's first line first, so that the prefetches are not dropped on TLB misses.
-inline void prefetch_span(const NextRows& next, int64_t from, int64_t to) {
-  if (to > next.bytes) to = next.bytes;
-  for (int64_t off = from; off < to; off += 64) {
-    simd16::touch_page_start(next.s + off);
-    simd16::touch_page_start(next.t + off);
-    _mm_prefetch(next.s + off, _MM_HINT_T1);
-    _mm_prefetch(next.t + off, _MM_HINT_T1);
-  }
-}
-
 // log1p_unit (divergences.h) on 16 lanes, x in [-1/4, 1].
 inline __m512 log1p_unit16(__m512 x) {
   const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
@@ -87,11 +75,11 @@ inline void jsd_pass3_avx512(const float* e_s, float* e_t, const float* e_u, int
   const __m512 lg_ref = _mm512_set1_ps(c.lg_ref), ell_ref = _mm512_set1_ps(c.ell_ref);
   const __m512 log_b = _mm512_set1_ps(c.log_b), two = _mm512_set1_ps(2.0f);
   const __m512 tiny = _mm512_set1_ps(1.17549435e-38f);  // FLT_MIN
-  const __mmask16 z_ref_pos = c.z_ref_pos ? static_cast<__mmask16>(0xFFFF) : 0;
+  const __mmask16 z_ref_pos = c.mz_ref > 0.0f ? static_cast<__mmask16>(0xFFFF) : 0;
   __m512 loss = zero, s0 = zero;
   for (int64_t j = j0; j < j1; j += 16) {
     // One cache line of each next row per 16 columns, spread over the loop (pass 2's rate).
-    if (4 * j < next.bytes) prefetch_span(next, 4 * j, 4 * j + 64);
+    prefetch_next(next, 4 * j);
     const __mmask16 m = tail_mask(j1 - j);
     const __m512 es = _mm512_maskz_loadu_ps(m, e_s + j), et = _mm512_maskz_loadu_ps(m, e_t + j);
     const __m512 u = _mm512_maskz_loadu_ps(m, e_u + j);

@@ -7,7 +7,7 @@
 // Per row: pass 2 accumulates the softmax normalisers (exponentials shifted by the maxima of the
 // row's first block, see process_row) and the KL/MSE sums and keeps the exponentials in an fp32
 // scratch row; pass 3 computes KL and writes the gradient from that scratch. The logits are read
-// from DRAM once (the AVX-512 pass 2 prefetches the next row pair while it computes); the gradient
+// from DRAM once (the AVX-512 pass 2, or JSD's pass 3, prefetches the next row pair); the gradient
 // is written once, with streaming stores where the ISA has them. Rows are spread over OpenMP
 // threads; inside a row, the portable loops are `omp simd` loops the compiler vectorises for each
 // ISA variant, and the AVX-512 variant uses the intrinsics loops of fused_logits_avx512.h.
@@ -84,6 +84,14 @@ inline float row_max(const T* x, int64_t n) {
 // fused_logits_avx512.h has hand-vectorised versions of the same two functions (same arguments,
 // same arithmetic) that the AVX-512 variant uses instead.
 
+// The next row pair, prefetched into L2 while this row computes (AVX-512 loops only: one prefetch
+// per cache line needs an explicit loop; see prefetch_next). bytes = 0: nothing to prefetch.
+struct NextRows {
+  const char* s = nullptr;
+  const char* t = nullptr;
+  int64_t bytes = 0;
+};
+
 // Pass 2 keeps its exponentials (student and teacher at T; student at 1 for CE) in a per-thread
 // fp32 scratch row, L2-resident for V up to ~64k, so pass 3 computes no exp.
 struct Pass2Args {
@@ -92,18 +100,7 @@ struct Pass2Args {
   float c_t;     // log2(e) / T: e^((x - m)/T) = 2^((x - m) c_t)
   float inv_t;   // 1 / T
   float *keep_s, *keep_t, *keep_1, *keep_u;  // e_s, e_t (at T), e_1 (student at 1), u
-  // The next row pair, prefetched into L2 while this row computes (AVX-512 loops only: one prefetch
-  // per cache line needs an explicit loop). next_bytes = 0: nothing to prefetch.
-  const char* next_s = nullptr;
-  const char* next_t = nullptr;
-  int64_t next_bytes = 0;
-};
-
-// The next row pair as divergence_passes prefetches it (see process_row): bytes = 0, none.
-struct NextRows {
-  const char* s = nullptr;
-  const char* t = nullptr;
-  int64_t bytes = 0;
+  NextRows next;  // prefetched during pass 2 (none where divergence_passes prefetches it)
 };
 
 // Block sums, fp32 per SIMD lane; the caller adds them up across blocks in double.
@@ -412,7 +409,7 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
   // The CE softmax is at temperature 1; with T == 1 it is the KL student softmax.
   const bool share = KL && CE && temp == 1.0f;
   const bool keep = KL || g;
-  Pass2Args p2{ms, mt, ms - mt, kLog2e * inv_t, inv_t, nullptr, nullptr, nullptr, nullptr};
+  Pass2Args p2{ms, mt, ms - mt, kLog2e * inv_t, inv_t, nullptr, nullptr, nullptr, nullptr, {}};
   NextRows next;
   if (next_s) {
     next.s = reinterpret_cast<const char*>(next_s);
@@ -425,7 +422,7 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
   // 32000 fp32: JSD 65-67 ms against 68-77 with pass 2's prefetch; the cheap columns of reverse KL
   // and TVD were 3 ms slower with it, and keep pass 2's.
   constexpr bool kLatePrefetch = KL && DIV == kJSD;
-  if (!kLatePrefetch) p2.next_s = next.s, p2.next_t = next.t, p2.next_bytes = next.bytes;
+  if (!kLatePrefetch) p2.next = next;
   if (keep) {
     thread_local std::vector<float> scratch;
     if (scratch.size() < static_cast<size_t>(4 * V)) scratch.resize(static_cast<size_t>(4 * V));

@@ -57,6 +57,16 @@ inline void touch_page_start(const char* line) {
     (void)*reinterpret_cast<const volatile char*>(line);
 }
 
+// The cache line at byte `off` of each next row into L2 (nothing past their end), the page's
+// first line touched first (touch_page_start).
+inline void prefetch_next(const NextRows& next, int64_t off) {
+  if (off >= next.bytes) return;
+  touch_page_start(next.s + off);
+  touch_page_start(next.t + off);
+  _mm_prefetch(next.s + off, _MM_HINT_T1);
+  _mm_prefetch(next.t + off, _MM_HINT_T1);
+}
+
 // 2^y for y <= 64 or NaN, with the polynomial of fd_exp2. y below -150 (including -inf) is clamped
 // there, where vscalefps rounds the result to 0; _mm512_max_ps returns its second operand when
 // either is NaN, so NaN passes through.
@@ -101,13 +111,7 @@ Pass2Sums pass2_avx512(const T* s, const T* t, const Pass2Args& p, int64_t j0, i
   for (int64_t j = j0; j < j1; j += 16) {
     // One cache line of each next row per 16 columns: spread over the loop, the prefetches overlap
     // the next row's DRAM reads with this row's arithmetic (bursts of them do not).
-    const int64_t next_off = 4 * j;
-    if (next_off < p.next_bytes) {
-      touch_page_start(p.next_s + next_off);
-      touch_page_start(p.next_t + next_off);
-      _mm_prefetch(p.next_s + next_off, _MM_HINT_T1);
-      _mm_prefetch(p.next_t + next_off, _MM_HINT_T1);
-    }
+    prefetch_next(p.next, 4 * j);
     const __mmask16 m = tail_mask(j1 - j);
     const __m512 x = load16(s + j, m);
     __m512 y = zero;

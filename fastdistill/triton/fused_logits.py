@@ -28,6 +28,7 @@ import triton.language as tl
 
 from fastdistill.triton._common import INTERPRETED, num_warps_for, store_output, tile_shape
 from fastdistill.triton.divergences import (
+    _expm1_small,
     _is_small,
     _log1p,
     _series_e_minus_1_minus_x,
@@ -69,7 +70,7 @@ def _transform(x, logit_scale, softcap, TRANSFORM: tl.constexpr):
     y = x * (logit_scale / softcap)
     a = 2.0 * tl.abs(y)
     # e^-a − 1 by its series for small a (tanh y ≈ y there: 1 − e^-a would cancel).
-    em1 = tl.where(a < 0.25, _series_e_minus_1_minus_x(-a) - a, tl.exp(-a) - 1.0)
+    em1 = tl.where(a < 0.25, _expm1_small(-a), tl.exp(-a) - 1.0)
     th = -em1 / (2.0 + em1)  # tanh |y|; ±inf give 1, NaN stays NaN
     e = em1 + 1.0
     return softcap * tl.where(y < 0.0, -th, th), logit_scale * 4.0 * e / ((1.0 + e) * (1.0 + e))
@@ -111,7 +112,7 @@ def _tile_stats(
         b = _rescale(mt, mt_new, c_t)
         # a − b without cancellation when both maxima moved alike (student ≈ teacher).
         d = ((ms - ms_new) - (mt - mt_new)) * inv_t
-        a_minus_b = tl.where(_is_small(d), b * (_series_e_minus_1_minus_x(d) + d), a - b)
+        a_minus_b = tl.where(_is_small(d), b * _expm1_small(d), a - b)
         ms_safe = _finite_or_zero(ms_new)
         mt_safe = _finite_or_zero(mt_new)
         es = tl.exp2((xs - ms_safe[:, None]) * c_t)
@@ -120,7 +121,7 @@ def _tile_stats(
         # are close, while s/T − t/T would carry the rounding of each product (~1e-7 · |s|/T),
         # which is all of u when the student is close to the teacher.
         u = ((xs - xt) - (ms_safe - mt_safe)[:, None]) * inv_t
-        dz_terms = tl.where(_is_small(u), et * (_series_e_minus_1_minus_x(u) + u), es - et)
+        dz_terms = tl.where(_is_small(u), et * _expm1_small(u), es - et)
         dz = a * dz + a_minus_b * zt + tl.sum(tl.where(in_tile, dz_terms, 0.0), axis=1)
         zs = a * zs + tl.sum(es, axis=1)
         zt = b * zt + tl.sum(et, axis=1)
