@@ -58,10 +58,85 @@ inline __m512 jsd_small_term16(__m512 ps, __m512 pt, __m512 d, const DivConsts& 
   return _mm512_mul_ps(p, _mm512_fnmadd_ps(h, _mm512_mul_ps(u, u), ag));
 }
 
+// log1p_01 (divergences.h) on 16 lanes.
+inline __m512 log1p_01_16(__m512 w) {
+  __m512 p = _mm512_set1_ps(-2.435116097331047e-3f);
+  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(1.5937700867652893e-2f));
+  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(-4.8956386744976044e-2f));
+  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(9.704115986824036e-2f));
+  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(-1.4700457453727722e-1f));
+  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(1.9427339732646942e-1f));
+  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(-2.4893172085285187e-1f));
+  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(3.3321642875671387e-1f));
+  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(-4.9999359250068665e-1f));
+  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(9.999998807907104e-1f));
+  return _mm512_mul_ps(p, w);
+}
+
+// jsd_fast_sp on 16 lanes: e^-|z| as the ratio of p_s and pl by a reciprocal estimate and one
+// Newton step (as jsd_pass3_avx512), then log1p_01.
+inline __m512 jsd_fast_sp16(__m512 ps, __m512 pl) {
+  const __m512 hi = _mm512_max_ps(_mm512_max_ps(ps, pl), _mm512_set1_ps(1.17549435e-38f));
+  const __m512 rc = _mm512_rcp14_ps(hi);
+  const __m512 inv = _mm512_mul_ps(rc, _mm512_fnmadd_ps(hi, rc, _mm512_set1_ps(2.0f)));
+  return log1p_01_16(_mm512_mul_ps(_mm512_min_ps(ps, pl), inv));
+}
+
+// JSD's fast pass 3 over columns [j0, j1): jsd_fast_block (fused_logits.cpp) on 16 lanes. Lanes
+// past j1 load as 0 and add exact zeros to every sum.
+template <bool kPosRef>  // r.pos_ref
+JsdBlockSums jsd_fast_block_avx512(const float* e_s, const float* e_t, const float* e_u,
+                                   float* e_q, int64_t j0, int64_t j1, const JsdFastRow& r,
+                                   const DivConsts& c) {
+  using namespace simd16;
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 inv_zs = _mm512_set1_ps(r.inv_zs), inv_zt_lp = _mm512_set1_ps(r.inv_zt_lp);
+  const __m512 delta = _mm512_set1_ps(r.delta), c_z = _mm512_set1_ps(r.c_z);
+  const __m512 u_ref = _mm512_set1_ps(r.u_ref), neg_mz_ref = _mm512_set1_ps(r.neg_mz_ref);
+  const __m512 sp_ref = _mm512_set1_ps(r.sp_ref);
+  const __m512 log_omb = _mm512_set1_ps(c.log_omb), log_b = _mm512_set1_ps(c.log_b);
+  __m512 loss = zero, s0 = zero, l1 = zero, p2 = zero, p2q = zero, p2q2 = zero;
+  for (int64_t j = j0; j < j1; j += 16) {
+    const __mmask16 m = tail_mask(j1 - j);
+    const __m512 ps = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, e_s + j), inv_zs);
+    const __m512 pl = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, e_t + j), inv_zt_lp);
+    const __m512 u = _mm512_maskz_loadu_ps(m, e_u + j);
+    const __m512 d = _mm512_sub_ps(delta, u), z = _mm512_sub_ps(c_z, u);
+    const __m512 sp = jsd_fast_sp16(ps, pl);
+    const __mmask16 pos = _mm512_cmp_ps_mask(z, zero, _CMP_GT_OQ);
+    // q = (max(z, 0) - max(z_ref, 0)) + (sp - sp_ref), the first part dd = u_ref - u where both
+    // z are positive
+    const __m512 dsp = _mm512_sub_ps(sp, sp_ref);
+    __m512 q = kPosRef ? _mm512_add_ps(_mm512_mask_sub_ps(neg_mz_ref, pos, u_ref, u), dsp)
+                       : _mm512_mask_add_ps(dsp, pos, dsp, z);
+    const __m512 k_sp = _mm512_mask_add_ps(_mm512_add_ps(log_omb, sp), pos, log_b, sp);
+    const __m512 b = _mm512_mul_ps(_mm512_add_ps(ps, pl), k_sp);
+    __m512 term = _mm512_fmsub_ps(_mm512_mask_sub_ps(pl, pos, zero, ps), d, b);
+    const __mmask16 odd = _mm512_fpclass_ps_mask(d, 0x99);  // NaN or +-inf: a -inf logit
+    if (odd) {
+      const __mmask16 ps_pos = _mm512_cmp_ps_mask(ps, zero, _CMP_GT_OQ);
+      q = _mm512_mask_mov_ps(q, odd, _mm512_maskz_sub_ps(ps_pos, neg_mz_ref, sp_ref));
+      const __m512 lim = _mm512_fmadd_ps(pl, log_b, _mm512_mul_ps(ps, log_omb));
+      term = _mm512_mask_sub_ps(term, odd, zero, lim);
+    }
+    _mm512_mask_storeu_ps(e_q + j, m, q);
+    loss = _mm512_add_ps(loss, term);
+    s0 = _mm512_fmadd_ps(ps, q, s0);
+    l1 = _mm512_fmadd_ps(ps, _mm512_abs_ps(q), l1);
+    const __m512 ps2 = _mm512_mul_ps(ps, ps);
+    p2 = _mm512_add_ps(p2, ps2);
+    const __m512 ps2q = _mm512_mul_ps(ps2, q);
+    p2q = _mm512_add_ps(p2q, ps2q);
+    p2q2 = _mm512_fmadd_ps(ps2q, q, p2q2);
+  }
+  return {_mm512_reduce_add_ps(loss), _mm512_reduce_add_ps(s0),  _mm512_reduce_add_ps(l1),
+          _mm512_reduce_add_ps(p2),   _mm512_reduce_add_ps(p2q), _mm512_reduce_add_ps(p2q2)};
+}
+
 // Pass 3 of JSD over columns [j0, j1): dq over e_t, and the block's loss and sum p_s dq.
 inline void jsd_pass3_avx512(const float* e_s, float* e_t, const float* e_u, int64_t j0,
                              int64_t j1, float inv_zs, float inv_zt, float delta, float u_ref,
-                             const DivConsts& c, const NextRows& next, float& loss_out,
+                             const DivConsts& c, float& loss_out,
                              float& s0_out) {
   using namespace simd16;
   const __m512 zero = _mm512_setzero_ps(), sign = _mm512_set1_ps(-0.0f);
@@ -78,8 +153,6 @@ inline void jsd_pass3_avx512(const float* e_s, float* e_t, const float* e_u, int
   const __mmask16 z_ref_pos = c.mz_ref > 0.0f ? static_cast<__mmask16>(0xFFFF) : 0;
   __m512 loss = zero, s0 = zero;
   for (int64_t j = j0; j < j1; j += 16) {
-    // One cache line of each next row per 16 columns, spread over the loop (pass 2's rate).
-    prefetch_next(next, 4 * j);
     const __mmask16 m = tail_mask(j1 - j);
     const __m512 es = _mm512_maskz_loadu_ps(m, e_s + j), et = _mm512_maskz_loadu_ps(m, e_t + j);
     const __m512 u = _mm512_maskz_loadu_ps(m, e_u + j);

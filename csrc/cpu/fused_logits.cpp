@@ -268,13 +268,14 @@ struct DivParams {
   DivConsts c;
 };
 
-// The first column whose student logit (times scale) equals max_s, the row maximum pass 2 found:
-// the student's most probable column, which divergence_passes measures q from. Blocks are tested
-// with a vectorised OR before one is scanned (the row is still in L2 from pass 2).
+// The first column whose student logit (times scale) equals max_s, the row maximum pass 2 found
+// first in the block starting at column `from`: the student's most probable column, which
+// divergence_passes measures q from. Blocks are tested with a vectorised OR before one is scanned
+// (the row is still in L2 from pass 2); the search normally ends in the block it starts in.
 template <typename S>
-int64_t first_max_column(const S* s, int64_t V, float max_s, float scale) {
+int64_t first_max_column(const S* s, int64_t V, float max_s, float scale, int64_t from) {
   constexpr int64_t kBlock = FD_BLOCK;
-  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+  for (int64_t j0 = from; j0 < V; j0 += kBlock) {
     const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
     int hit = 0;
 #pragma omp simd reduction(| : hit)
@@ -284,69 +285,223 @@ int64_t first_max_column(const S* s, int64_t V, float max_s, float scale) {
       if (load(s, j) * scale == max_s) return j;
     }
   }
+  if (from > 0) return first_max_column(s, V, max_s, scale, 0);
   return 0;  // not reached: max_s is one of the row's values
 }
 
+// JSD's fast pass 3: the row's constants (jsd_fast_pass3 adds the reference column's parts).
+inline JsdFastRow jsd_fast_row(const DivConsts& c, float inv_zs, double zt_d, float delta,
+                               int64_t ref) {
+  const double log_lp = std::log(double{c.beta}) - std::log(double{c.one_minus_beta});
+  return JsdFastRow{inv_zs,
+                    static_cast<float>(c.beta / (zt_d * c.one_minus_beta)),
+                    delta,
+                    static_cast<float>(double{delta} + log_lp),
+                    0.0f,
+                    0.0f,
+                    0.0f,
+                    false,
+                    ref};
+}
+
+// JSD's fast pass 3 over a row (JsdBlockSums), summed in double across blocks.
+struct JsdFastSums {
+  double loss = 0.0, s0 = 0.0, l1 = 0.0, p2 = 0.0, p2q = 0.0, p2q2 = 0.0;
+  float k = 0.0f;  // K of jsd_fast_sound
+  void add(const JsdBlockSums& b) {
+    loss += b.loss, s0 += b.s0, l1 += b.l1, p2 += b.p2, p2q += b.p2q, p2q2 += b.p2q2;
+  }
+};
+
+// jsd_fast_term over columns [j0, j1), q into e_q (portable loop).
+inline JsdBlockSums jsd_fast_block(const float* e_s, const float* e_t, const float* e_u,
+                                   float* e_q, int64_t j0, int64_t j1, const JsdFastRow& r,
+                                   const DivConsts& c) {
+  float loss = 0.0f, s0 = 0.0f, l1 = 0.0f, p2 = 0.0f, p2q = 0.0f, p2q2 = 0.0f;
+#pragma omp simd reduction(+ : loss, s0, l1, p2, p2q, p2q2)
+  for (int64_t j = j0; j < j1; ++j) {
+    const float ps = e_s[j] * r.inv_zs;
+    const JsdFastTerm term = jsd_fast_term(ps, e_t[j] * r.inv_zt_lp, e_u[j], r, c);
+    const float q = term.q;
+    e_q[j] = q;
+    loss += term.loss;
+    s0 += ps * q;
+    l1 += ps * std::fabs(q);
+    const float ps2 = ps * ps;
+    p2 += ps2;
+    p2q += ps2 * q;
+    p2q2 += ps2 * q * q;
+  }
+  return {loss, s0, l1, p2, p2q, p2q2};
+}
+
+// The whole row: the reference column's parts first (with the arithmetic of the column loop, so
+// that q is exactly 0 there), then the blocks.
+inline JsdFastSums jsd_fast_pass3(const float* e_s, const float* e_t, const float* e_u, float* e_q,
+                                  int64_t V, JsdFastRow r, const DivConsts& c) {
+  constexpr int64_t kBlock = FD_BLOCK;
+  const float u_ref = e_u[r.ref], z_ref = r.c_z - u_ref;
+  const float ps_ref = e_s[r.ref] * r.inv_zs, pl_ref = e_t[r.ref] * r.inv_zt_lp;
+#if FD_JSD_AVX512
+  r.sp_ref = _mm512_cvtss_f32(jsd_fast_sp16(_mm512_set1_ps(ps_ref), _mm512_set1_ps(pl_ref)));
+#else
+  r.sp_ref = jsd_fast_sp(ps_ref, pl_ref);
+#endif
+  r.u_ref = u_ref;
+  r.pos_ref = z_ref > 0.0f;
+  r.neg_mz_ref = r.pos_ref ? -z_ref : 0.0f;
+  JsdFastSums f;
+  f.k = r.pos_ref ? std::fabs(z_ref) + 13.0f : 19.0f * r.sp_ref;
+  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+    const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
+#if FD_JSD_AVX512
+    f.add(r.pos_ref ? jsd_fast_block_avx512<true>(e_s, e_t, e_u, e_q, j0, j1, r, c)
+                    : jsd_fast_block_avx512<false>(e_s, e_t, e_u, e_q, j0, j1, r, c));
+#else
+    f.add(jsd_fast_block(e_s, e_t, e_u, e_q, j0, j1, r, c));
+#endif
+  }
+  return f;
+}
+
+// Whether a row keeps JSD's fast result: the worst-case rounding-error bounds of its value and
+// (with grad) of its gradient must both lie below kTol of them. Errors of d (u's rounding, delta's
+// and c_z's) and of the fp32 block sums are left out: the precise passes share them. Per column,
+// in units of eps = 2^-24:
+// - the loss term a - b (a = pl d or -p_s d, b as in jsd_fast_term): 5 |a| + 2 |pl or p_s| |delta|
+//   for a, 3 |b| + (p_s + pl)(0.5 |log(beta or 1 - beta)| + 3.4) for b (log1p_01's 1.85, the ratio
+//   w's 1.5), and |term| for the subtraction. With |a| <= term + |b| (the term is >= 0),
+//   |b| <= (p_s + pl) k_max (k_max = max(|log beta|, |log(1 - beta)|, log 2): log1p(w) lies in
+//   [0, log 2]) and sum (p_s + pl) = 1 / (1 - beta), the value's bound is
+//   6 loss + (8.5 k_max + 3.4 + 2 |delta|) / (1 - beta);
+// - q (exact 0 at ref) is off by at most 13 |q| + K, K = |z_ref| + 13 where z_ref > 0 (the
+//   roundings of z and of the sums, log1p_01's 3.3 |sp| relative and the ratio w's) and
+//   K = 19 sp_ref where not (every part of q is then a multiple of |q| + sp_ref: where the
+//   teacher has little mass at the student's top columns, q is small and so is its error);
+//   s0 by at most 14 sum p_s |q| + K rest, rest = the mass off ref (<= 1 - p_s,ref + 72 eps:
+//   the probabilities' roundings and the sums'); the gradient p_s (q - s0) (times -(1 - beta)) by
+//   at most 13 |p_s q|_2 + K |p_s|_2,rest + (14 sum p_s |q| + K rest) |p_s|_2 + |grad|_2 in norm,
+//   with |p_s|_2,rest^2 <= rest min(rest, p_s,ref) (ref holds the largest p_s). The gradient's
+//   norm is sqrt(sum p_s^2 q^2 - 2 s0 sum p_s^2 q + s0^2 sum p_s^2), a difference that can
+//   cancel, but only where the bound is far above kTol of it (a passing row's norm is well
+//   determined).
+// Measuring q from ref matters where the student's top column holds nearly all its mass: there
+// s0 is small instead of l at ref (whose rounding would be all of the gradient). The bounds fail
+// where the student is close to its teacher (the loss is second order in d) and where q is
+// nearly one constant over the student's mass (the gradient is a small difference): the regimes
+// jsd_term's series and dd forms are for.
+inline bool jsd_fast_sound(const JsdFastSums& f, float ps_ref, float delta, const DivConsts& c,
+                           bool grad) {
+  constexpr double kEps = 5.9604644775390625e-8;  // 2^-24
+  constexpr double kTol = 1e-5;
+  const double k_max = std::fmax(std::fmax(std::fabs(double{c.log_omb}), std::fabs(double{c.log_b})),
+                                 0.693147180559945309);
+  const double mass_part = (8.5 * k_max + 3.4 + 2.0 * std::fabs(double{delta})) / c.one_minus_beta;
+  const double loss_bound = kEps * (6.0 * f.loss + mass_part);
+  if (!(loss_bound <= kTol * f.loss)) return false;  // also false for NaN
+  if (!grad) return true;
+  const double g2 = f.p2q2 - 2.0 * f.s0 * f.p2q + f.s0 * f.s0 * f.p2;
+  const double norm = std::sqrt(g2 > 0.0 ? g2 : 0.0);
+  const double rest = std::fmax(1.0 - ps_ref, 0.0) + 72.0 * kEps;
+  const double p2_rest = rest * std::fmin(rest, double{ps_ref});
+  const double k = f.k;
+  const double grad_bound = kEps * (13.0 * std::sqrt(f.p2q2) + k * std::sqrt(p2_rest) +
+                                    (14.0 * f.l1 + k * rest) * std::sqrt(f.p2) + norm);
+  return grad_bound <= kTol * norm;
+}
+
+// Pass 3 with the divergence's column function (divergences.h) and q measured from the
+// reference column ref: dq over e_t; returns the loss (double) and s0 = sum p_s dq in s0_out.
+template <int DIV>
+double precise_pass3(const float* e_s, float* e_t, const float* e_u, int64_t V, float inv_zs,
+                     float inv_zt, float delta, int64_t ref, DivConsts c,
+                     float& s0_out) {
+  constexpr int64_t kBlock = FD_BLOCK;
+  constexpr bool kRowSum = DIV != kForwardKL;  // forward KL's dq is its gradient already
+  float u_ref = 0.0f;
+  if constexpr (kRowSum) {
+    u_ref = e_u[ref];
+    set_reference<DIV>(e_s[ref] * inv_zs, e_t[ref] * inv_zt, delta - u_ref, c);
+  }
+  double loss_d = 0.0, s0_d = 0.0;
+  float* const q_ = e_t;  // locals for the loop (see pass 2)
+  const float* const es_ = e_s;
+  const float* const eu_ = e_u;
+  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+    const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
+    float loss = 0.0f, sq = 0.0f;
+#if FD_JSD_AVX512
+    if constexpr (DIV == kJSD) {  // the hand-vectorised loop (divergences_avx512.h)
+      jsd_pass3_avx512(es_, q_, eu_, j0, j1, inv_zs, inv_zt, delta, u_ref, c, loss, sq);
+      loss_d += loss, s0_d += sq;
+      continue;
+    }
+#endif
+#pragma omp simd reduction(+ : loss, sq)
+    for (int64_t j = j0; j < j1; ++j) {
+      const float ps = es_[j] * inv_zs, pt = q_[j] * inv_zt;
+      const DivTerm term = divergence_term<DIV>(ps, pt, delta - eu_[j], u_ref - eu_[j], c);
+      q_[j] = term.dq;
+      loss += term.loss;
+      if constexpr (kRowSum) sq += ps * term.dq;
+    }
+    loss_d += loss, s0_d += sq;
+  }
+  s0_out = static_cast<float>(s0_d);
+  return loss_d;
+}
+
 // Passes 3 and 4 of a divergence other than process_row's forward KL, on pass 2's scratch
-// (e_s, e_t (at T), e_u = log(e_s / e_t) and e_1 (CE)), shared by process_row and divergence_row:
-// pass 3 evaluates the divergence column function (divergences.h) from p_s, p_t,
+// (e_s, e_t (at T), e_u = log(e_s / e_t) and e_1 (CE)), shared by process_row and divergence_row.
+// Pass 3 (precise_pass3) evaluates the divergence column function (divergences.h) from p_s, p_t,
 // d = delta - u (delta = log(z_s / z_t)) and dd = u_ref - u (= d - d_ref, d_ref taken at the
-// reference column `ref`, the student's most probable one: first_max_column), keeps
-// dq = q - q_ref over e_t and sums p_s dq; pass 4 writes the gradient p_s (dq - sum p_s dq) w.r.t.
-// the raw student logits S, times dfac (CAP) or scale. With q measured from that column the sum
-// has no large term (no second correction pass is needed where that column's p_s is close to 1).
-// res.kl receives the row's value.
+// reference column ref, the student's most probable one: first_max_column of max_s, pass 2's row
+// maximum, first seen in the block at max_from), keeps dq = q - q_ref over e_t and sums p_s dq.
+// With q measured from that column the sum has no large term (no second correction pass is
+// needed where that column's p_s is close to 1). JSD first runs its fast pass 3
+// (jsd_fast_pass3: q into the spare row e_q, e_s, e_t and e_u left as they were) and the precise
+// one only for a row whose error bound that fails (jsd_fast_sound). Pass 4 writes the gradient
+// p_s (dq - sum p_s dq) w.r.t. the raw student logits S, times dfac (CAP) or scale. res.kl
+// receives the row's value.
 template <typename S, typename T, int DIV, bool KL, bool CE, bool MSE, bool CAP>
 void divergence_passes(const S* s, const S* t, int64_t V, const DivParams& p, float scale,
                        int64_t label, RowWeights w, T* g, const float* dfac, float* e_s,
-                       float* e_t, const float* e_u, const float* e_1, double zs_d, double zt_d,
-                       float delta, double z1_d, int64_t ref, RowResult& res,
-                       NextRows next = {}) {
+                       float* e_t, const float* e_u, const float* e_1, float* e_q, double zs_d,
+                       double zt_d, float delta, double z1_d, float max_s, int64_t max_from,
+                       RowResult& res) {
   constexpr int64_t kBlock = FD_BLOCK;
-  // Pass 3: the divergence terms, dq over e_t, and s0 = sum p_s dq.
   const float inv_zs = static_cast<float>(1.0 / zs_d), inv_zt = static_cast<float>(1.0 / zt_d);
   constexpr bool kRowSum = DIV != kForwardKL;  // forward KL's dq is its gradient already
   float s0 = 0.0f;
+  const float* q = e_t;  // pass 4's dq, times q_scale
+  float q_scale = 1.0f;
   if constexpr (KL) {
-    DivConsts c = p.c;
-    float u_ref = 0.0f;
-    if constexpr (kRowSum) {
-      u_ref = e_u[ref];
-      set_reference<DIV>(e_s[ref] * inv_zs, e_t[ref] * inv_zt, delta - u_ref, c);
-    }
-    double loss_d = 0.0, s0_d = 0.0;
-    float* const q_ = e_t;  // locals for the loop (see pass 2)
-    const float* const es_ = e_s;
-    const float* const eu_ = e_u;
-    for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
-      const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
-      float loss = 0.0f, sq = 0.0f;
-#if FD_JSD_AVX512
-      if constexpr (DIV == kJSD) {  // the hand-vectorised loop (divergences_avx512.h)
-        jsd_pass3_avx512(es_, q_, eu_, j0, j1, inv_zs, inv_zt, delta, u_ref, c, next, loss, sq);
-        loss_d += loss, s0_d += sq;
-        continue;
+    const float t2 = p.t2 ? p.temp * p.temp : 1.0f;
+    const int64_t ref = kRowSum ? first_max_column(s, V, max_s, scale, max_from) : 0;
+    bool fast = false;
+    if constexpr (DIV == kJSD) {
+      const JsdFastRow r = jsd_fast_row(p.c, inv_zs, zt_d, delta, ref);
+      const JsdFastSums f = jsd_fast_pass3(e_s, e_t, e_u, e_q, V, r, p.c);
+      fast = jsd_fast_sound(f, e_s[ref] * inv_zs, delta, p.c, g != nullptr);
+      if (fast) {
+        const float omb = p.c.one_minus_beta;
+        res.kl = static_cast<float>(f.loss * omb * t2);
+        s0 = static_cast<float>(f.s0);
+        q = e_q;
+        q_scale = -omb;
       }
-#endif
-#pragma omp simd reduction(+ : loss, sq)
-      for (int64_t j = j0; j < j1; ++j) {
-        const float ps = es_[j] * inv_zs, pt = q_[j] * inv_zt;
-        const DivTerm term = divergence_term<DIV>(ps, pt, delta - eu_[j], u_ref - eu_[j], c);
-        q_[j] = term.dq;
-        loss += term.loss;
-        if constexpr (kRowSum) sq += ps * term.dq;
-      }
-      loss_d += loss, s0_d += sq;
     }
-    res.kl = static_cast<float>(p.t2 ? loss_d * p.temp * p.temp : loss_d);
-    s0 = static_cast<float>(s0_d);
+    if (!fast) {
+      const double loss = precise_pass3<DIV>(e_s, e_t, e_u, V, inv_zs, inv_zt, delta, ref, p.c, s0);
+      res.kl = static_cast<float>(loss * t2);
+    }
   }
   if (!g) return;
 
   // Pass 4: the gradient w.r.t. the raw student logits, through an L1 tile to memory.
   //   kl:  p_s,j (dq_j - s0) (forward KL: dq_j);  ce: softmax(s') - onehot(label);
   //   mse: 2 (s' - t');  all times dx'/dx. (1/T, 2 and the weights are folded into w.)
-  const float wkl_zs = w.kl * inv_zs;
+  const float wkl_zs = w.kl * inv_zs * q_scale;
   const float wce_1 = CE ? static_cast<float>(w.ce / z1_d) : 0.0f;
   for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
     const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
@@ -354,7 +509,7 @@ void divergence_passes(const S* s, const S* t, int64_t V, const DivParams& p, fl
 #pragma omp simd
     for (int64_t j = j0; j < j1; ++j) {
       float gv = 0.0f;
-      if constexpr (KL) gv = kRowSum ? wkl_zs * e_s[j] * (e_t[j] - s0) : w.kl * e_t[j];
+      if constexpr (KL) gv = kRowSum ? wkl_zs * e_s[j] * (q[j] - s0) : w.kl * q[j];
       if constexpr (CE) gv += wce_1 * e_1[j] - (j == label ? w.ce : 0.0f);
       if constexpr (MSE) gv += w.mse * (load(s, j) - load(t, j)) * scale;
       tile[j - j0] = gv * (CAP ? dfac[j] : scale);
@@ -410,22 +565,15 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
   const bool share = KL && CE && temp == 1.0f;
   const bool keep = KL || g;
   Pass2Args p2{ms, mt, ms - mt, kLog2e * inv_t, inv_t, nullptr, nullptr, nullptr, nullptr, {}};
-  NextRows next;
-  if (next_s) {
-    next.s = reinterpret_cast<const char*>(next_s);
-    next.t = reinterpret_cast<const char*>(next_t ? next_t : next_s);
-    next.bytes = V * static_cast<int64_t>(sizeof(T));
+  if (next_s) {  // prefetched during pass 2 (every divergence: see the note in ARCHITECTURE.md)
+    p2.next.s = reinterpret_cast<const char*>(next_s);
+    p2.next.t = reinterpret_cast<const char*>(next_t ? next_t : next_s);
+    p2.next.bytes = V * static_cast<int64_t>(sizeof(T));
   }
-  // JSD's pass 3 is compute-bound (its column costs about as much as the row's memory traffic):
-  // there the next row pair is prefetched during pass 3 instead, so that its DRAM reads overlap
-  // that arithmetic rather than pass 2's (which then reads from L2). Measured, forward only, 2048 x
-  // 32000 fp32: JSD 65-67 ms against 68-77 with pass 2's prefetch; the cheap columns of reverse KL
-  // and TVD were 3 ms slower with it, and keep pass 2's.
-  constexpr bool kLatePrefetch = KL && DIV == kJSD;
-  if (!kLatePrefetch) p2.next = next;
   if (keep) {
     thread_local std::vector<float> scratch;
-    if (scratch.size() < static_cast<size_t>(4 * V)) scratch.resize(static_cast<size_t>(4 * V));
+    // e_s, e_t, e_1, u, and JSD's fast q (divergence_passes)
+    if (scratch.size() < static_cast<size_t>(5 * V)) scratch.resize(static_cast<size_t>(5 * V));
     p2.keep_s = scratch.data();
     p2.keep_t = p2.keep_s + V;
     p2.keep_1 = p2.keep_t + V;
@@ -435,11 +583,13 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
   // that log(zs/zt) = log1p(dz/zt) is accurate to ~1e-10 even when zs and zt agree to 1e-7.
   double zs_d, zt_d, dz_d, z1_d, sq_d;
   float max_s, max_t;
+  int64_t max_from;  // the first block holding max_s
   auto pass2 = [&](auto e1_tag, auto keep_tag) {
     constexpr int kE1 = decltype(e1_tag)::value;
     constexpr bool kKeep = decltype(keep_tag)::value;
     zs_d = zt_d = dz_d = z1_d = sq_d = 0.0;
     max_s = max_t = -kInf;
+    max_from = 0;
     for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
       const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
       const Pass2Sums b = FD_PASS2<T, KL, kE1, MSE, kKeep>(s, t, p2, j0, j1);
@@ -448,7 +598,7 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
       dz_d += b.dz;
       z1_d += b.z1;
       sq_d += b.sq;
-      max_s = b.max_s > max_s ? b.max_s : max_s;
+      if (b.max_s > max_s) max_s = b.max_s, max_from = j0;
       max_t = b.max_t > max_t ? b.max_t : max_t;
     }
   };
@@ -523,8 +673,8 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
     // Another divergence: its own passes 3 and 4 on this pass 2's scratch.
     divergence_passes<T, T, DIV, KL, CE, MSE, false>(
         s, t, V, *dp, 1.0f, label, w, g, nullptr, p2.keep_s, p2.keep_t, p2.keep_u,
-        share ? p2.keep_s : p2.keep_1, zs_d, zt_d, static_cast<float>(delta), z1_d,
-        KL ? first_max_column(s, V, max_s, 1.0f) : 0, res, next);
+        share ? p2.keep_s : p2.keep_1, p2.keep_u + V, zs_d, zt_d, static_cast<float>(delta), z1_d,
+        max_s, max_from, res);
     return res;
   }
   const Pass3Args p3{p2.keep_s,
@@ -626,9 +776,11 @@ RowResult divergence_row(const S* s, const S* t, int64_t V, const DivParams& p, 
   const float c_t = p.c_t, inv_t = p.inv_t;
   double zs_d, zt_d, dz_d, z1_d, sq_d;
   float max_s, max_t;
+  int64_t max_from;  // the first block holding max_s
   auto pass2 = [&] {
     zs_d = zt_d = dz_d = z1_d = sq_d = 0.0;
     max_s = max_t = -kInf;
+    max_from = 0;
     // Locals, not the captured references: stores through a pointer reached via the closure made
     // GCC run the scalar version of the loop (as the note in pass2_portable says).
     float* const es_ = e_s;
@@ -664,7 +816,7 @@ RowResult divergence_row(const S* s, const S* t, int64_t V, const DivParams& p, 
         if constexpr (MSE) sq += (x - y) * (x - y);
       }
       zs_d += zs, zt_d += zt, dz_d += dz, z1_d += z1, sq_d += sq;
-      max_s = bs > max_s ? bs : max_s;
+      if (bs > max_s) max_s = bs, max_from = j0;
       max_t = bt > max_t ? bt : max_t;
     }
   };
@@ -696,22 +848,22 @@ RowResult divergence_row(const S* s, const S* t, int64_t V, const DivParams& p, 
   const double dz_rel = dz_d / zt_d;
   const float delta = static_cast<float>(std::fabs(dz_rel) <= 0.125 ? std::log1p(dz_rel)
                                                                      : std::log(zs_d / zt_d));
-  const int64_t ref = KL ? first_max_column(s, V, max_s, scale) : 0;
   divergence_passes<S, T, DIV, KL, CE, MSE, CAP>(s, t, V, p, scale, label, w, g, dfac, e_s, e_t,
-                                                 e_u, e_1, zs_d, zt_d, delta, z1_d, ref, res);
+                                                 e_u, e_1, e_1 + V, zs_d, zt_d, delta, z1_d,
+                                                 max_s, max_from, res);
   return res;
 }
 
 template <typename T, int DIV, bool KL, bool CE, bool MSE>
 RowResult process_row_div(const T* s, const T* t, int64_t V, const DivParams& p, int64_t label,
                           RowWeights w, T* g) {
-  // Scratch (fp32, L2-resident for V up to ~32k): pass 2's four rows, then for softcap the
-  // transformed logits and dx'/dx.
+  // Scratch (fp32, L2-resident for V up to ~32k): pass 2's four rows and JSD's fast q, then for
+  // softcap the transformed logits and dx'/dx.
   thread_local std::vector<float> scratch;
-  const size_t need = static_cast<size_t>((p.softcap > 0.0f ? 7 : 4) * V);
+  const size_t need = static_cast<size_t>((p.softcap > 0.0f ? 8 : 5) * V);
   if (scratch.size() < need) scratch.resize(need);
   if (p.softcap > 0.0f) {
-    float* const a_s = scratch.data() + 4 * V;
+    float* const a_s = scratch.data() + 5 * V;
     float* const a_t = a_s + V;
     float* const dfac = g ? a_t + V : nullptr;
     softcap_row(s, V, p, a_s, dfac);
