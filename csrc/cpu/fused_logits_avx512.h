@@ -99,11 +99,11 @@ inline __mmask16 small16(__m512 v) {
 
 }  // namespace simd16
 
-template <typename T, bool KL, int E1, bool MSE, bool KEEP>
+template <typename T, bool KL, int E1, bool MSE, bool KEEP, bool NEAR = false>
 Pass2Sums pass2_avx512(const T* s, const T* t, const Pass2Args& p, int64_t j0, int64_t j1) {
   using namespace simd16;
   const __m512 zero = _mm512_setzero_ps();
-  __m512 zs = zero, zt = zero, dz = zero, z1 = zero, sq = zero;
+  __m512 zs = zero, zt = zero, dz = zero, z1 = zero, sq = zero, near = zero;
   __m512 max_s = _mm512_set1_ps(-kInf), max_t = max_s;
   const __m512 ms = _mm512_set1_ps(p.ms), mt = _mm512_set1_ps(p.mt);
   const __m512 dm = _mm512_set1_ps(p.dm), c_t = _mm512_set1_ps(p.c_t);
@@ -132,8 +132,10 @@ Pass2Sums pass2_avx512(const T* s, const T* t, const Pass2Args& p, int64_t j0, i
       }
       const __m512 em1 = _mm512_fmadd_ps(v_times_q(u), u, u);
       // small |u| ? e_t expm1(u) : e_s - e_t
-      const __m512 term = _mm512_mask_mul_ps(_mm512_sub_ps(es, et), small16(u), et, em1);
+      const __mmask16 small = small16(u);
+      const __m512 term = _mm512_mask_mul_ps(_mm512_sub_ps(es, et), small, et, em1);
       dz = _mm512_mask_add_ps(dz, m, dz, term);
+      if constexpr (NEAR) near = _mm512_mask_add_ps(near, small & m, near, es);
     }
     if constexpr (E1 != kE1None) {
       const __m512 e1 = E1 == kE1Square ? _mm512_mul_ps(es, es)
@@ -148,8 +150,8 @@ Pass2Sums pass2_avx512(const T* s, const T* t, const Pass2Args& p, int64_t j0, i
   }
   return Pass2Sums{_mm512_reduce_add_ps(zs),   _mm512_reduce_add_ps(zt),
                    _mm512_reduce_add_ps(dz),   _mm512_reduce_add_ps(z1),
-                   _mm512_reduce_add_ps(sq),   _mm512_reduce_max_ps(max_s),
-                   _mm512_reduce_max_ps(max_t)};
+                   _mm512_reduce_add_ps(sq),   _mm512_reduce_add_ps(near),
+                   _mm512_reduce_max_ps(max_s), _mm512_reduce_max_ps(max_t)};
 }
 
 // Writes the gradient in fp32 (to an L1 tile; flush_tile_avx512 converts and streams it out).
