@@ -175,13 +175,13 @@ struct JsdFastRow {
 //   term of jsd_term), with the d inside l taken out by hand for z > 0 (l = d + log(beta) +
 //   log1p(w), so the term is -p_s d - (p_s + pl)(log(beta) + log1p(w)): where the teacher holds
 //   mass the student does not, both products are large and nearly equal); for z <= 0 it is
-//   pl d - (p_s + pl)(log(1 - beta) + log1p(w)).
+//   pl d - (p_s + pl)(log(1 - beta) + log1p(w)). b = the second product (for the error bound).
 // No series: where the student is close to its teacher, the row's error bound fails and it is
 // redone with jsd_term. A column with a -inf logit (d not finite) takes its limit: l =
 // log(1 - beta) where p_s > 0 (q = -(max(z_ref, 0) + sp_ref); else q = 0) and the term
 // -(pl log(beta) + p_s log(1 - beta)) (0 log 0 = 0 on either side).
 struct JsdFastTerm {
-  float loss, q;
+  float loss, b, q;
 };
 inline float jsd_fast_sp(float ps, float pl) {
   const float hi0 = ps > pl ? ps : pl;
@@ -195,20 +195,21 @@ inline JsdFastTerm jsd_fast_term(float ps, float pl, float u, const JsdFastRow& 
   const bool pos = z > 0.0f;
   const float mdiff = pos ? (r.pos_ref ? r.u_ref - u : z) : r.neg_mz_ref;
   float q = mdiff + (sp - r.sp_ref);
-  const float b = (ps + pl) * ((pos ? c.log_b : c.log_omb) + sp);
+  float b = (ps + pl) * ((pos ? c.log_b : c.log_omb) + sp);
   float loss = (pos ? -ps : pl) * d - b;
   if (!(d > -kInf && d < kInf)) {
     q = ps > 0.0f ? r.neg_mz_ref - r.sp_ref : 0.0f;
+    b = 0.0f;
     loss = -(pl * c.log_b + ps * c.log_omb);
   }
-  return {loss, q};
+  return {loss, b, q};
 }
 
 // One column block's sums of JSD's fast pass 3 (fp32 lanes; JsdFastSums in fused_logits.cpp adds
-// them in double): the loss over 1 - beta, s0 = sum p_s q, sum p_s |q|, sum p_s^2, sum p_s^2 q and
-// sum p_s^2 q^2.
+// them in double): the loss over 1 - beta, sum |b| (see jsd_fast_term), sum (p_s + pl),
+// s0 = sum p_s q, sum p_s |q|, sum p_s^2, sum p_s^2 q and sum p_s^2 q^2.
 struct JsdBlockSums {
-  float loss, s0, l1, p2, p2q, p2q2;
+  float loss, abs_b, mass, s0, l1, p2, p2q, p2q2;
 };
 
 // q of the total variation: sign(p_s - p_t) / 2 (0 at a tie, as torch's abs) from

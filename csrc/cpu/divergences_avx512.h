@@ -95,9 +95,11 @@ JsdBlockSums jsd_fast_block_avx512(const float* e_s, const float* e_t, const flo
   const __m512 u_ref = _mm512_set1_ps(r.u_ref), neg_mz_ref = _mm512_set1_ps(r.neg_mz_ref);
   const __m512 sp_ref = _mm512_set1_ps(r.sp_ref);
   const __m512 log_omb = _mm512_set1_ps(c.log_omb), log_b = _mm512_set1_ps(c.log_b);
-  __m512 loss = zero, s0 = zero, l1 = zero, p2 = zero, p2q = zero, p2q2 = zero;
-  for (int64_t j = j0; j < j1; j += 16) {
-    const __mmask16 m = tail_mask(j1 - j);
+  __m512 loss = zero, abs_b = zero, mass = zero, s0 = zero, l1 = zero, p2 = zero, p2q = zero,
+         p2q2 = zero;
+  // One vector of columns from j (lanes outside m load as 0); full vectors first, with m a
+  // constant that turns the masked loads and store into plain ones.
+  const auto step = [&](int64_t j, __mmask16 m) {
     const __m512 ps = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, e_s + j), inv_zs);
     const __m512 pl = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, e_t + j), inv_zt_lp);
     const __m512 u = _mm512_maskz_loadu_ps(m, e_u + j);
@@ -110,17 +112,21 @@ JsdBlockSums jsd_fast_block_avx512(const float* e_s, const float* e_t, const flo
     __m512 q = kPosRef ? _mm512_add_ps(_mm512_mask_sub_ps(neg_mz_ref, pos, u_ref, u), dsp)
                        : _mm512_mask_add_ps(dsp, pos, dsp, z);
     const __m512 k_sp = _mm512_mask_add_ps(_mm512_add_ps(log_omb, sp), pos, log_b, sp);
-    const __m512 b = _mm512_mul_ps(_mm512_add_ps(ps, pl), k_sp);
+    const __m512 ps_pl = _mm512_add_ps(ps, pl);
+    __m512 b = _mm512_mul_ps(ps_pl, k_sp);
     __m512 term = _mm512_fmsub_ps(_mm512_mask_sub_ps(pl, pos, zero, ps), d, b);
     const __mmask16 odd = _mm512_fpclass_ps_mask(d, 0x99);  // NaN or +-inf: a -inf logit
     if (odd) {
       const __mmask16 ps_pos = _mm512_cmp_ps_mask(ps, zero, _CMP_GT_OQ);
       q = _mm512_mask_mov_ps(q, odd, _mm512_maskz_sub_ps(ps_pos, neg_mz_ref, sp_ref));
+      b = _mm512_mask_mov_ps(b, odd, zero);
       const __m512 lim = _mm512_fmadd_ps(pl, log_b, _mm512_mul_ps(ps, log_omb));
       term = _mm512_mask_sub_ps(term, odd, zero, lim);
     }
     _mm512_mask_storeu_ps(e_q + j, m, q);
     loss = _mm512_add_ps(loss, term);
+    abs_b = _mm512_add_ps(abs_b, _mm512_abs_ps(b));
+    mass = _mm512_add_ps(mass, ps_pl);
     s0 = _mm512_fmadd_ps(ps, q, s0);
     l1 = _mm512_fmadd_ps(ps, _mm512_abs_ps(q), l1);
     const __m512 ps2 = _mm512_mul_ps(ps, ps);
@@ -128,9 +134,28 @@ JsdBlockSums jsd_fast_block_avx512(const float* e_s, const float* e_t, const flo
     const __m512 ps2q = _mm512_mul_ps(ps2, q);
     p2q = _mm512_add_ps(p2q, ps2q);
     p2q2 = _mm512_fmadd_ps(ps2q, q, p2q2);
+  };
+  int64_t j = j0;
+  for (; j + 16 <= j1; j += 16) step(j, static_cast<__mmask16>(0xFFFF));
+  if (j < j1) step(j, tail_mask(j1 - j));
+  return {_mm512_reduce_add_ps(loss), _mm512_reduce_add_ps(abs_b), _mm512_reduce_add_ps(mass),
+          _mm512_reduce_add_ps(s0),   _mm512_reduce_add_ps(l1),    _mm512_reduce_add_ps(p2),
+          _mm512_reduce_add_ps(p2q),  _mm512_reduce_add_ps(p2q2)};
+}
+
+// scratch_dz (fused_logits.cpp) over columns [j0, j1): the dz of pass2_avx512, from the scratch.
+inline float scratch_dz_avx512(const float* e_s, const float* e_t, const float* e_u, int64_t j0,
+                               int64_t j1) {
+  using namespace simd16;
+  __m512 dz = _mm512_setzero_ps();
+  for (int64_t j = j0; j < j1; j += 16) {
+    const __mmask16 m = tail_mask(j1 - j);
+    const __m512 es = _mm512_maskz_loadu_ps(m, e_s + j), et = _mm512_maskz_loadu_ps(m, e_t + j);
+    const __m512 u = _mm512_maskz_loadu_ps(m, e_u + j);
+    const __m512 em1 = _mm512_fmadd_ps(v_times_q(u), u, u);
+    dz = _mm512_add_ps(dz, _mm512_mask_mul_ps(_mm512_sub_ps(es, et), small16(u), et, em1));
   }
-  return {_mm512_reduce_add_ps(loss), _mm512_reduce_add_ps(s0),  _mm512_reduce_add_ps(l1),
-          _mm512_reduce_add_ps(p2),   _mm512_reduce_add_ps(p2q), _mm512_reduce_add_ps(p2q2)};
+  return _mm512_reduce_add_ps(dz);
 }
 
 // Pass 3 of JSD over columns [j0, j1): dq over e_t, and the block's loss and sum p_s dq.

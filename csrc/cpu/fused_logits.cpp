@@ -106,7 +106,7 @@ struct Pass2Args {
 // Block sums, fp32 per SIMD lane; the caller adds them up across blocks in double.
 struct Pass2Sums {
   float zs = 0.0f, zt = 0.0f, dz = 0.0f, z1 = 0.0f, sq = 0.0f;
-  float near = 0.0f;  // NEAR: sum of e_s over the columns with |u| < 1/4
+  float near = 0.0f;  // NEAR: sum of e_s over the columns with |u| < 1/4 (instead of dz)
   float max_s = -kInf, max_t = -kInf;  // block maxima (tracked where the exponentials need them)
 };
 
@@ -146,8 +146,11 @@ Pass2Sums pass2_portable(const T* s, const T* t, const Pass2Args& p, int64_t j0,
         keep_t[j] = et;
         keep_u[j] = u;
       }
-      dz += is_small(u) ? et * expm1_small(u) : es - et;
-      if constexpr (NEAR) near += is_small(u) ? es : 0.0f;
+      if constexpr (NEAR) {
+        near += is_small(u) ? es : 0.0f;
+      } else {
+        dz += is_small(u) ? et * expm1_small(u) : es - et;
+      }
     }
     if constexpr (E1 != kE1None) {
       const float e1 = E1 == kE1Square ? es * es : fd_exp2((x - ms) * kLog2e);
@@ -308,10 +311,12 @@ inline JsdFastRow jsd_fast_row(const DivConsts& c, float inv_zs, double zt_d, fl
 
 // JSD's fast pass 3 over a row (JsdBlockSums), summed in double across blocks.
 struct JsdFastSums {
-  double loss = 0.0, s0 = 0.0, l1 = 0.0, p2 = 0.0, p2q = 0.0, p2q2 = 0.0;
-  float k = 0.0f;  // K of jsd_fast_sound
+  double loss = 0.0, abs_b = 0.0, mass = 0.0, s0 = 0.0, l1 = 0.0, p2 = 0.0, p2q = 0.0, p2q2 = 0.0;
+  float k = 0.0f;         // K of jsd_fast_sound
+  bool stopped = false;   // the loss bound already failed part-way (jsd_fast_pass3)
   void add(const JsdBlockSums& b) {
-    loss += b.loss, s0 += b.s0, l1 += b.l1, p2 += b.p2, p2q += b.p2q, p2q2 += b.p2q2;
+    loss += b.loss, abs_b += b.abs_b, mass += b.mass, s0 += b.s0, l1 += b.l1;
+    p2 += b.p2, p2q += b.p2q, p2q2 += b.p2q2;
   }
 };
 
@@ -319,14 +324,17 @@ struct JsdFastSums {
 inline JsdBlockSums jsd_fast_block(const float* e_s, const float* e_t, const float* e_u,
                                    float* e_q, int64_t j0, int64_t j1, const JsdFastRow& r,
                                    const DivConsts& c) {
-  float loss = 0.0f, s0 = 0.0f, l1 = 0.0f, p2 = 0.0f, p2q = 0.0f, p2q2 = 0.0f;
-#pragma omp simd reduction(+ : loss, s0, l1, p2, p2q, p2q2)
+  float loss = 0.0f, abs_b = 0.0f, mass = 0.0f, s0 = 0.0f, l1 = 0.0f, p2 = 0.0f, p2q = 0.0f,
+        p2q2 = 0.0f;
+#pragma omp simd reduction(+ : loss, abs_b, mass, s0, l1, p2, p2q, p2q2)
   for (int64_t j = j0; j < j1; ++j) {
     const float ps = e_s[j] * r.inv_zs;
     const JsdFastTerm term = jsd_fast_term(ps, e_t[j] * r.inv_zt_lp, e_u[j], r, c);
     const float q = term.q;
     e_q[j] = q;
     loss += term.loss;
+    abs_b += std::fabs(term.b);
+    mass += ps + e_t[j] * r.inv_zt_lp;
     s0 += ps * q;
     l1 += ps * std::fabs(q);
     const float ps2 = ps * ps;
@@ -334,7 +342,16 @@ inline JsdBlockSums jsd_fast_block(const float* e_s, const float* e_t, const flo
     p2q += ps2 * q;
     p2q2 += ps2 * q * q;
   }
-  return {loss, s0, l1, p2, p2q, p2q2};
+  return {loss, abs_b, mass, s0, l1, p2, p2q, p2q2};
+}
+
+constexpr double kJsdTol = 1e-5;  // see jsd_fast_sound
+
+// The rounding-error bound of the fast loss (over 1 - beta) summed in f, see jsd_fast_sound.
+inline double jsd_loss_bound(const JsdFastSums& f, const DivConsts& c) {
+  constexpr double kEps = 5.9604644775390625e-8;  // 2^-24
+  const double k_max = std::fmax(std::fabs(double{c.log_omb}), std::fabs(double{c.log_b}));
+  return kEps * (6.0 * f.loss + 8.0 * f.abs_b + (0.5 * k_max + 3.4) * f.mass);
 }
 
 // The whole row: the reference column's parts first (with the arithmetic of the column loop, so
@@ -362,6 +379,13 @@ inline JsdFastSums jsd_fast_pass3(const float* e_s, const float* e_t, const floa
 #else
     f.add(jsd_fast_block(e_s, e_t, e_u, e_q, j0, j1, r, c));
 #endif
+    // An eighth of the way, a row whose loss bound is already over kJsdTol stops (the bound's
+    // parts grow with the columns alike, so the row would most likely fail it at the end): a
+    // student somewhat close to its teacher costs the precise pass and an eighth of this one.
+    if (j0 < V / 8 && j1 >= V / 8 && j1 < V && !(jsd_loss_bound(f, c) <= kJsdTol * f.loss)) {
+      f.stopped = true;
+      return f;
+    }
   }
   return f;
 }
@@ -373,9 +397,8 @@ inline JsdFastSums jsd_fast_pass3(const float* e_s, const float* e_t, const floa
 // - the loss term a - b (a = pl d or -p_s d, b as in jsd_fast_term): 5 |a| (d's own rounding)
 //   for a, 3 |b| + (p_s + pl)(0.5 |log(beta or 1 - beta)| + 3.4) for b (log1p_01's 1.85, the ratio
 //   w's 1.5), and |term| for the subtraction (delta's own rounding is an error of d). With
-//   |a| <= term + |b| (the term is >= 0), |b| <= (p_s + pl) k_max (k_max = max(|log beta|,
-//   |log(1 - beta)|, log 2): log1p(w) lies in [0, log 2]) and sum (p_s + pl) = 1 / (1 - beta), the
-//   value's bound is 6 loss + (8.5 k_max + 3.4) / (1 - beta);
+//   |a| <= term + |b| (the term is >= 0), the value's bound is (jsd_loss_bound)
+//   6 loss + 8 sum |b| + (0.5 max(|log beta|, |log(1 - beta)|) + 3.4) sum (p_s + pl);
 // - q (exact 0 at ref) is off by at most 13 |q| + K, K = |z_ref| + 13 where z_ref > 0 (the
 //   roundings of z and of the sums, log1p_01's 3.3 |sp| relative and the ratio w's) and
 //   K = 19 sp_ref where not (every part of q is then a multiple of |q| + sp_ref: where the
@@ -383,7 +406,8 @@ inline JsdFastSums jsd_fast_pass3(const float* e_s, const float* e_t, const floa
 //   s0 by at most 14 sum p_s |q| + K rest, rest = the mass off ref (<= 1 - p_s,ref + 72 eps:
 //   the probabilities' roundings and the sums'); the gradient p_s (q - s0) (times -(1 - beta)) by
 //   at most 13 |p_s q|_2 + K |p_s|_2,rest + (14 sum p_s |q| + K rest) |p_s|_2 + |grad|_2 in norm,
-//   with |p_s|_2,rest^2 <= rest min(rest, p_s,ref) (ref holds the largest p_s). The gradient's
+//   with |p_s|_2,rest^2 <= rest min(rest, p_s,ref) (ref holds the largest p_s) and <= sum p_s^2 -
+//   p_s,ref^2 (with the sum's rounding). The gradient's
 //   norm is sqrt(sum p_s^2 q^2 - 2 s0 sum p_s^2 q + s0^2 sum p_s^2), a difference that can
 //   cancel, but only where the bound is far above kTol of it (a passing row's norm is well
 //   determined).
@@ -394,16 +418,14 @@ inline JsdFastSums jsd_fast_pass3(const float* e_s, const float* e_t, const floa
 // jsd_term's series and dd forms are for.
 inline bool jsd_fast_sound(const JsdFastSums& f, float ps_ref, const DivConsts& c, bool grad) {
   constexpr double kEps = 5.9604644775390625e-8;  // 2^-24
-  constexpr double kTol = 1e-5;
-  const double k_max = std::fmax(std::fmax(std::fabs(double{c.log_omb}), std::fabs(double{c.log_b})),
-                                 0.693147180559945309);
-  const double loss_bound = kEps * (6.0 * f.loss + (8.5 * k_max + 3.4) / c.one_minus_beta);
-  if (!(loss_bound <= kTol * f.loss)) return false;  // also false for NaN
+  constexpr double kTol = kJsdTol;
+  if (f.stopped || !(jsd_loss_bound(f, c) <= kTol * f.loss)) return false;  // also false for NaN
   if (!grad) return true;
   const double g2 = f.p2q2 - 2.0 * f.s0 * f.p2q + f.s0 * f.s0 * f.p2;
   const double norm = std::sqrt(g2 > 0.0 ? g2 : 0.0);
   const double rest = std::fmax(1.0 - ps_ref, 0.0) + 72.0 * kEps;
-  const double p2_rest = rest * std::fmin(rest, double{ps_ref});
+  const double p2_rest = std::fmin(rest * std::fmin(rest, double{ps_ref}), std::fmax(0.0,
+      f.p2 * (1.0 + 72.0 * kEps) - double{ps_ref} * ps_ref * (1.0 - 4.0 * kEps)));
   const double k = f.k;
   const double grad_bound = kEps * (13.0 * std::sqrt(f.p2q2) + k * std::sqrt(p2_rest) +
                                     (14.0 * f.l1 + k * rest) * std::sqrt(f.p2) + norm);
@@ -451,7 +473,47 @@ double precise_pass3(const float* e_s, float* e_t, const float* e_u, int64_t V, 
   return loss_d;
 }
 
-constexpr double kJsdNearMass = 0.25;  // see divergence_passes
+// What pass 2 leaves for passes 3 and 4 besides its scratch rows: the softmax sums (double),
+// dz = sum (e_s - e_t) term by term (see process_row) unless pass 2 summed `near` instead (JSD:
+// the student's mass on columns with |u| < 1/4), and the row maximum of the student's logits with
+// the first block that holds it.
+struct RowSums {
+  double zs, zt, dz, z1, near;
+  bool have_dz;
+  float max_s;
+  int64_t max_from;
+};
+
+// delta = log(zs / zt) from dz where zs and zt are close (the regime dz exists for); where they
+// are not, dz has lost zs to rounding (the references need not be the maxima, so zs / zt can be
+// as far from 1 as 2^64) and the plain ratio of the sums is the accurate form.
+inline double row_delta(double zs, double zt, double dz) {
+  const double dz_rel = dz / zt;
+  return std::fabs(dz_rel) <= 0.125 ? std::log1p(dz_rel) : std::log(zs / zt);
+}
+
+// dz from pass 2's scratch, for a row whose pass 2 summed `near` instead (its precise passes need
+// delta to ~1e-10 where the student is close to its teacher).
+inline double scratch_dz(const float* e_s, const float* e_t, const float* e_u, int64_t V) {
+  constexpr int64_t kBlock = FD_BLOCK;
+  double dz_d = 0.0;
+  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+    const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
+#if FD_JSD_AVX512
+    dz_d += scratch_dz_avx512(e_s, e_t, e_u, j0, j1);
+#else
+    float dz = 0.0f;
+#pragma omp simd reduction(+ : dz)
+    for (int64_t j = j0; j < j1; ++j) {
+      dz += is_small(e_u[j]) ? e_t[j] * expm1_small(e_u[j]) : e_s[j] - e_t[j];
+    }
+    dz_d += dz;
+#endif
+  }
+  return dz_d;
+}
+
+constexpr double kJsdNearMass = 0.5;  // see divergence_passes
 
 // Passes 3 and 4 of a divergence other than process_row's forward KL, on pass 2's scratch
 // (e_s, e_t (at T), e_u = log(e_s / e_t) and e_1 (CE)), shared by process_row and divergence_row.
@@ -468,24 +530,28 @@ constexpr double kJsdNearMass = 0.25;  // see divergence_passes
 template <typename S, typename T, int DIV, bool KL, bool CE, bool MSE, bool CAP>
 void divergence_passes(const S* s, const S* t, int64_t V, const DivParams& p, float scale,
                        int64_t label, RowWeights w, T* g, const float* dfac, float* e_s,
-                       float* e_t, const float* e_u, const float* e_1, float* e_q, double zs_d,
-                       double zt_d, float delta, double z1_d, float max_s, int64_t max_from,
-                       double near_mass, RowResult& res) {
+                       float* e_t, const float* e_u, const float* e_1, float* e_q,
+                       const RowSums& sums, RowResult& res) {
   constexpr int64_t kBlock = FD_BLOCK;
+  const double zs_d = sums.zs, zt_d = sums.zt, z1_d = sums.z1;
   const float inv_zs = static_cast<float>(1.0 / zs_d), inv_zt = static_cast<float>(1.0 / zt_d);
+  float delta = static_cast<float>(sums.have_dz ? row_delta(zs_d, zt_d, sums.dz)
+                                                : std::log(zs_d / zt_d));
   constexpr bool kRowSum = DIV != kForwardKL;  // forward KL's dq is its gradient already
   float s0 = 0.0f;
   const float* q = e_t;  // pass 4's dq, times q_scale
   float q_scale = 1.0f;
   if constexpr (KL) {
     const float t2 = p.t2 ? p.temp * p.temp : 1.0f;
-    const int64_t ref = kRowSum ? first_max_column(s, V, max_s, scale, max_from) : 0;
+    const int64_t ref = kRowSum ? first_max_column(s, V, sums.max_s, scale, sums.max_from) : 0;
     bool fast = false;
-    // JSD's fast pass, unless the student is close to its teacher: where a quarter of the
-    // student's mass lies on columns with |u| < 1/4 (near_mass, from pass 2; u = d - delta, and
-    // delta ~ 0 for such a student), the fast bounds fail (measured: 1e-5 to 1e-4 at logits
-    // within N(0, 1) noise of the teacher's, T = 2) and the fast pass would only cost time.
-    if (DIV == kJSD && near_mass < kJsdNearMass) {
+    // JSD's fast pass, unless the student is close to its teacher: where half of the student's
+    // mass lies on columns with |u| < 1/4 (near, from pass 2; u = d - delta, and delta ~ 0 for
+    // such a student), the fast bounds fail (measured: near 0.66-0.88 and bounds 2e-5 to 9e-5 at
+    // logits within N(0, 0.3^2) of the teacher's, T = 2) and the fast pass would only cost time.
+    // The fast pass takes delta without dz (the plain ratio: its rounding, like u's, is an error
+    // of d, and dz is only more precise where the student is that close).
+    if (DIV == kJSD && !(sums.near >= kJsdNearMass * zs_d)) {
       const JsdFastRow r = jsd_fast_row(p.c, inv_zs, zt_d, delta, ref);
       const JsdFastSums f = jsd_fast_pass3(e_s, e_t, e_u, e_q, V, r, p.c);
       fast = jsd_fast_sound(f, e_s[ref] * inv_zs, p.c, g != nullptr);
@@ -498,6 +564,7 @@ void divergence_passes(const S* s, const S* t, int64_t V, const DivParams& p, fl
       }
     }
     if (!fast) {
+      if (!sums.have_dz) delta = static_cast<float>(row_delta(zs_d, zt_d, scratch_dz(e_s, e_t, e_u, V)));
       const double loss = precise_pass3<DIV>(e_s, e_t, e_u, V, inv_zs, inv_zt, delta, ref, p.c, s0);
       res.kl = static_cast<float>(loss * t2);
     }
@@ -587,6 +654,7 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
   }
   // dz = sum (e_s - e_t) = zs - zt, accumulated term by term as e_t expm1(u) (see pass 3) so
   // that log(zs/zt) = log1p(dz/zt) is accurate to ~1e-10 even when zs and zt agree to 1e-7.
+  constexpr bool kNear = KL && DIV == kJSD;  // pass 2 sums `near` instead of dz (see RowSums)
   double zs_d, zt_d, dz_d, z1_d, sq_d, near_d;
   float max_s, max_t;
   int64_t max_from;  // the first block holding max_s
@@ -598,7 +666,7 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
     max_from = 0;
     for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
       const int64_t j1 = j0 + kBlock < V ? j0 + kBlock : V;
-      const Pass2Sums b = FD_PASS2<T, KL, kE1, MSE, kKeep, KL && DIV == kJSD>(s, t, p2, j0, j1);
+      const Pass2Sums b = FD_PASS2<T, KL, kE1, MSE, kKeep, kNear>(s, t, p2, j0, j1);
       zs_d += b.zs;
       zt_d += b.zt;
       dz_d += b.dz;
@@ -671,19 +739,15 @@ RowResult process_row(const T* s, const T* t, int64_t V, float temp, int64_t lab
   // logits rows; only the MSE term re-reads them (from L2). The KL gradient weight is folded into
   // the probabilities (see Pass3Args) unless it is 0 or not finite.
   const float f = std::isfinite(w.kl) && w.kl != 0.0f ? w.kl : 1.0f;
-  // delta = log(zs / zt) from dz where zs and zt are close (the regime dz exists for); where
-  // they are not, dz has lost zs to rounding (the references need not be the maxima, so zs / zt
-  // can be as far from 1 as 2^64) and the plain ratio of the sums is the accurate form.
-  const double dz_rel = dz_d / zt_d;
-  const double delta = std::fabs(dz_rel) <= 0.125 ? std::log1p(dz_rel) : std::log(zs_d / zt_d);
   if constexpr (DIV != kForwardKL) {
     // Another divergence: its own passes 3 and 4 on this pass 2's scratch.
+    const RowSums sums{zs_d, zt_d, dz_d, z1_d, near_d, !kNear, max_s, max_from};
     divergence_passes<T, T, DIV, KL, CE, MSE, false>(
         s, t, V, *dp, 1.0f, label, w, g, nullptr, p2.keep_s, p2.keep_t, p2.keep_u,
-        share ? p2.keep_s : p2.keep_1, p2.keep_u + V, zs_d, zt_d, static_cast<float>(delta), z1_d,
-        max_s, max_from, near_d / zs_d, res);
+        share ? p2.keep_s : p2.keep_1, p2.keep_u + V, sums, res);
     return res;
   }
+  const double delta = row_delta(zs_d, zt_d, dz_d);
   const Pass3Args p3{p2.keep_s,
                      p2.keep_t,
                      p2.keep_u,
@@ -852,12 +916,9 @@ RowResult divergence_row(const S* s, const S* t, int64_t V, const DivParams& p, 
   if constexpr (MSE) res.mse = static_cast<float>(sq_d);
   if (!KL && !g) return res;
 
-  const double dz_rel = dz_d / zt_d;
-  const float delta = static_cast<float>(std::fabs(dz_rel) <= 0.125 ? std::log1p(dz_rel)
-                                                                     : std::log(zs_d / zt_d));
+  const RowSums sums{zs_d, zt_d, dz_d, z1_d, 0.0, true, max_s, max_from};
   divergence_passes<S, T, DIV, KL, CE, MSE, CAP>(s, t, V, p, scale, label, w, g, dfac, e_s, e_t,
-                                                 e_u, e_1, e_1 + V, zs_d, zt_d, delta, z1_d,
-                                                 max_s, max_from, 0.0, res);
+                                                 e_u, e_1, e_1 + V, sums, res);
   return res;
 }
 

@@ -130,12 +130,15 @@ Pass2Sums pass2_avx512(const T* s, const T* t, const Pass2Args& p, int64_t j0, i
         _mm512_mask_storeu_ps(p.keep_t + j, m, et);
         _mm512_mask_storeu_ps(p.keep_u + j, m, u);
       }
-      const __m512 em1 = _mm512_fmadd_ps(v_times_q(u), u, u);
-      // small |u| ? e_t expm1(u) : e_s - e_t
       const __mmask16 small = small16(u);
-      const __m512 term = _mm512_mask_mul_ps(_mm512_sub_ps(es, et), small, et, em1);
-      dz = _mm512_mask_add_ps(dz, m, dz, term);
-      if constexpr (NEAR) near = _mm512_mask_add_ps(near, small & m, near, es);
+      if constexpr (NEAR) {
+        near = _mm512_mask_add_ps(near, small & m, near, es);
+      } else {
+        // small |u| ? e_t expm1(u) : e_s - e_t
+        const __m512 em1 = _mm512_fmadd_ps(v_times_q(u), u, u);
+        const __m512 term = _mm512_mask_mul_ps(_mm512_sub_ps(es, et), small, et, em1);
+        dz = _mm512_mask_add_ps(dz, m, dz, term);
+      }
     }
     if constexpr (E1 != kE1None) {
       const __m512 e1 = E1 == kE1Square ? _mm512_mul_ps(es, es)
