@@ -126,3 +126,29 @@ def test_gradient_where_the_teacher_has_little_mass_at_the_top(impl, rng: Rng, n
         what=f"{name} {impl} top={top} gap={gap} {rng.tag}",
         grad_atol=0.0,
     )
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("jsd")])
+@pytest.mark.parametrize("temperature", (1.0, 2.0))
+def test_jsd_rows_on_both_sides_of_its_fast_bound(impl, rng: Rng, name, temperature):
+    """One batch whose rows run from a student within 1e-3 of its teacher to an unrelated one:
+    the CPU kernel keeps its fast JSD pass only for the rows whose rounding-error bound allows
+    it, skips it for rows close to the teacher and stops it part-way for rows that fail the
+    bound early (csrc/cpu/fused_logits.cpp, jsd_fast_sound). Every row, whichever way it went,
+    to 1e-5 of the precise float64 values."""
+    if impl == "torch":
+        pytest.skip("the torch backend evaluates the plain formulas in fp32")
+    t = rng.logits(14, 4000)
+    sigma = torch.tensor([1e-3, 0.03, 0.1, 0.3, 0.6, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0])
+    s = torch.cat([t[:12] + rng.randn(12, 4000) * sigma[:, None], rng.logits(2, 4000)])
+    what = f"{name} {impl} T={temperature} {rng.tag}"
+    for row in range(14):  # each row's value on its own
+        expected, _ = precise(name, s[row].double(), t[row].double(), temperature)
+        got = _call(name, s[row : row + 1], t[row : row + 1], temperature).item()
+        assert abs(got - expected.item()) <= 1e-5 * abs(expected.item()), (
+            f"{what} row {row}: {got:.9e} vs precise {expected.item():.9e}"
+        )
+    expected, expected_grad = precise(name, s.double(), t.double(), temperature)
+    loss, grad = run_loss(lambda x: _call(name, x, t, temperature), s, torch.tensor(0.37))
+    assert abs(loss.item() - expected.item()) <= 1e-5 * abs(expected.item()), what
+    assert_grad_close(grad, 0.37 * expected_grad, torch.float32, what=what, atol=0.0)
