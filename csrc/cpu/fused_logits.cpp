@@ -7,7 +7,7 @@
 // Per row: pass 2 accumulates the softmax normalisers (exponentials shifted by the maxima of the
 // row's first block, see process_row) and the KL/MSE sums and keeps the exponentials in an fp32
 // scratch row; pass 3 computes KL and writes the gradient from that scratch. The logits are read
-// from DRAM once (the AVX-512 pass 2, or JSD's pass 3, prefetches the next row pair); the gradient
+// from DRAM once (the AVX-512 pass 2 prefetches the next row pair); the gradient
 // is written once, with streaming stores where the ISA has them. Rows are spread over OpenMP
 // threads; inside a row, the portable loops are `omp simd` loops the compiler vectorises for each
 // ISA variant, and the AVX-512 variant uses the intrinsics loops of fused_logits_avx512.h.
@@ -114,8 +114,9 @@ struct Pass2Sums {
 // its own exponential, or e_s^2 (KL at T = 2: one multiply instead of an exponential).
 enum E1Mode : int { kE1None = 0, kE1Exp = 1, kE1Square = 2 };
 
-// Template flags: KL, E1 (an E1Mode), MSE, KEEP (write the scratch rows). A loop-invariant runtime
-// choice inside an `omp simd` loop kept GCC from vectorising it, hence the template parameters.
+// Template flags: KL, E1 (an E1Mode), MSE, KEEP (write the scratch rows), NEAR (sum `near` instead
+// of dz: see RowSums). A loop-invariant runtime choice inside an `omp simd` loop kept GCC from
+// vectorising it, hence the template parameters.
 template <typename T, bool KL, int E1, bool MSE, bool KEEP, bool NEAR = false>
 Pass2Sums pass2_portable(const T* s, const T* t, const Pass2Args& p, int64_t j0, int64_t j1) {
   float zs = 0.0f, zt = 0.0f, dz = 0.0f, z1 = 0.0f, sq = 0.0f, near = 0.0f;
