@@ -152,8 +152,7 @@ inline float scratch_dz_avx512(const float* e_s, const float* e_t, const float* 
     const __mmask16 m = tail_mask(j1 - j);
     const __m512 es = _mm512_maskz_loadu_ps(m, e_s + j), et = _mm512_maskz_loadu_ps(m, e_t + j);
     const __m512 u = _mm512_maskz_loadu_ps(m, e_u + j);
-    const __m512 em1 = _mm512_fmadd_ps(v_times_q(u), u, u);
-    dz = _mm512_add_ps(dz, _mm512_mask_mul_ps(_mm512_sub_ps(es, et), small16(u), et, em1));
+    dz = _mm512_add_ps(dz, dz_term16(es, et, u, small16(u)));
   }
   return _mm512_reduce_add_ps(dz);
 }

@@ -47,6 +47,15 @@ inline float expm1_small(float v) { return exp_minus_1_minus_x_small(v) + v; }
 
 inline bool is_small(float v) { return v > -0.25f && v < 0.25f; }  // false for NaN and inf
 
+// One column's share of dz = z_s - z_t: e_t expm1(u) where |u| < 1/4 (e_s - e_t would cancel
+// there), else e_s - e_t (u = log(e_s / e_t)).
+inline float dz_term(float es, float et, float u) {
+  return is_small(u) ? et * expm1_small(u) : es - et;
+}
+
+// 2^-24, the unit roundoff of fp32 (eps in JSD's fast-pass error bounds, see jsd_fast_sound).
+constexpr double kEps24 = 5.9604644775390625e-8;
+
 struct RowResult {
   float kl = 0.0f, ce = 0.0f, mse = 0.0f;
 };
@@ -150,7 +159,7 @@ Pass2Sums pass2_portable(const T* s, const T* t, const Pass2Args& p, int64_t j0,
       if constexpr (NEAR) {
         near += is_small(u) ? es : 0.0f;
       } else {
-        dz += is_small(u) ? et * expm1_small(u) : es - et;
+        dz += dz_term(es, et, u);
       }
     }
     if constexpr (E1 != kE1None) {
@@ -329,13 +338,13 @@ inline JsdBlockSums jsd_fast_block(const float* e_s, const float* e_t, const flo
         p2q2 = 0.0f;
 #pragma omp simd reduction(+ : loss, abs_b, mass, s0, l1, p2, p2q, p2q2)
   for (int64_t j = j0; j < j1; ++j) {
-    const float ps = e_s[j] * r.inv_zs;
-    const JsdFastTerm term = jsd_fast_term(ps, e_t[j] * r.inv_zt_lp, e_u[j], r, c);
+    const float ps = e_s[j] * r.inv_zs, pl = e_t[j] * r.inv_zt_lp;
+    const JsdFastTerm term = jsd_fast_term(ps, pl, e_u[j], r, c);
     const float q = term.q;
     e_q[j] = q;
     loss += term.loss;
     abs_b += std::fabs(term.b);
-    mass += ps + e_t[j] * r.inv_zt_lp;
+    mass += ps + pl;
     s0 += ps * q;
     l1 += ps * std::fabs(q);
     const float ps2 = ps * ps;
@@ -350,9 +359,8 @@ constexpr double kJsdTol = 1e-5;  // see jsd_fast_sound
 
 // The rounding-error bound of the fast loss (over 1 - beta) summed in f, see jsd_fast_sound.
 inline double jsd_loss_bound(const JsdFastSums& f, const DivConsts& c) {
-  constexpr double kEps = 5.9604644775390625e-8;  // 2^-24
   const double k_max = std::fmax(std::fabs(double{c.log_omb}), std::fabs(double{c.log_b}));
-  return kEps * (6.0 * f.loss + 8.0 * f.abs_b + (0.5 * k_max + 3.4) * f.mass);
+  return kEps24 * (6.0 * f.loss + 8.0 * f.abs_b + (0.5 * k_max + 3.4) * f.mass);
 }
 
 // The whole row: the reference column's parts first (with the arithmetic of the column loop, so
@@ -418,19 +426,17 @@ inline JsdFastSums jsd_fast_pass3(const float* e_s, const float* e_t, const floa
 // nearly one constant over the student's mass (the gradient is a small difference): the regimes
 // jsd_term's series and dd forms are for.
 inline bool jsd_fast_sound(const JsdFastSums& f, float ps_ref, const DivConsts& c, bool grad) {
-  constexpr double kEps = 5.9604644775390625e-8;  // 2^-24
-  constexpr double kTol = kJsdTol;
-  if (f.stopped || !(jsd_loss_bound(f, c) <= kTol * f.loss)) return false;  // also false for NaN
+  if (f.stopped || !(jsd_loss_bound(f, c) <= kJsdTol * f.loss)) return false;  // also false for NaN
   if (!grad) return true;
   const double g2 = f.p2q2 - 2.0 * f.s0 * f.p2q + f.s0 * f.s0 * f.p2;
   const double norm = std::sqrt(g2 > 0.0 ? g2 : 0.0);
-  const double rest = std::fmax(1.0 - ps_ref, 0.0) + 72.0 * kEps;
+  const double rest = std::fmax(1.0 - ps_ref, 0.0) + 72.0 * kEps24;
   const double p2_rest = std::fmin(rest * std::fmin(rest, double{ps_ref}), std::fmax(0.0,
-      f.p2 * (1.0 + 72.0 * kEps) - double{ps_ref} * ps_ref * (1.0 - 4.0 * kEps)));
+      f.p2 * (1.0 + 72.0 * kEps24) - double{ps_ref} * ps_ref * (1.0 - 4.0 * kEps24)));
   const double k = f.k;
-  const double grad_bound = kEps * (13.0 * std::sqrt(f.p2q2) + k * std::sqrt(p2_rest) +
-                                    (14.0 * f.l1 + k * rest) * std::sqrt(f.p2) + norm);
-  return grad_bound <= kTol * norm;
+  const double grad_bound = kEps24 * (13.0 * std::sqrt(f.p2q2) + k * std::sqrt(p2_rest) +
+                                      (14.0 * f.l1 + k * rest) * std::sqrt(f.p2) + norm);
+  return grad_bound <= kJsdTol * norm;
 }
 
 // Pass 3 with the divergence's column function (divergences.h) and q measured from the
@@ -506,7 +512,7 @@ inline double scratch_dz(const float* e_s, const float* e_t, const float* e_u, i
     float dz = 0.0f;
 #pragma omp simd reduction(+ : dz)
     for (int64_t j = j0; j < j1; ++j) {
-      dz += is_small(e_u[j]) ? e_t[j] * expm1_small(e_u[j]) : e_s[j] - e_t[j];
+      dz += dz_term(e_s[j], e_t[j], e_u[j]);
     }
     dz_d += dz;
 #endif
@@ -565,7 +571,9 @@ void divergence_passes(const S* s, const S* t, int64_t V, const DivParams& p, fl
       }
     }
     if (!fast) {
-      if (!sums.have_dz) delta = static_cast<float>(row_delta(zs_d, zt_d, scratch_dz(e_s, e_t, e_u, V)));
+      if (!sums.have_dz) {
+        delta = static_cast<float>(row_delta(zs_d, zt_d, scratch_dz(e_s, e_t, e_u, V)));
+      }
       const double loss = precise_pass3<DIV>(e_s, e_t, e_u, V, inv_zs, inv_zt, delta, ref, p.c, s0);
       res.kl = static_cast<float>(loss * t2);
     }
@@ -878,7 +886,7 @@ RowResult divergence_row(const S* s, const S* t, int64_t V, const DivParams& p, 
           eu_[j] = u;
           zs += es;
           zt += et;
-          dz += is_small(u) ? et * expm1_small(u) : es - et;
+          dz += dz_term(es, et, u);
         }
         if constexpr (CE) {
           const float e1 = fd_exp2((x - ms_) * kLog2e);

@@ -97,6 +97,12 @@ inline __mmask16 small16(__m512 v) {
   return _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(0.25f), _CMP_LT_OQ);
 }
 
+// dz_term (fused_logits.cpp) on 16 lanes, where `small` = small16(u).
+inline __m512 dz_term16(__m512 es, __m512 et, __m512 u, __mmask16 small) {
+  const __m512 em1 = _mm512_fmadd_ps(v_times_q(u), u, u);
+  return _mm512_mask_mul_ps(_mm512_sub_ps(es, et), small, et, em1);
+}
+
 }  // namespace simd16
 
 template <typename T, bool KL, int E1, bool MSE, bool KEEP, bool NEAR = false>
@@ -134,10 +140,7 @@ Pass2Sums pass2_avx512(const T* s, const T* t, const Pass2Args& p, int64_t j0, i
       if constexpr (NEAR) {
         near = _mm512_mask_add_ps(near, small & m, near, es);
       } else {
-        // small |u| ? e_t expm1(u) : e_s - e_t
-        const __m512 em1 = _mm512_fmadd_ps(v_times_q(u), u, u);
-        const __m512 term = _mm512_mask_mul_ps(_mm512_sub_ps(es, et), small, et, em1);
-        dz = _mm512_mask_add_ps(dz, m, dz, term);
+        dz = _mm512_mask_add_ps(dz, m, dz, dz_term16(es, et, u, small));
       }
     }
     if constexpr (E1 != kE1None) {
