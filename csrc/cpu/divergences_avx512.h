@@ -3,8 +3,8 @@
 // arithmetic as jsd_term (divergences.h), written with intrinsics for what the compiler does not
 // produce from it: e^-|z| as the ratio of the two probabilities (one reciprocal estimate and a
 // Newton step instead of an exp2), the conditional terms as masked operations, and the series of
-// jsd_small_term only for the vectors that have a column with |d| < 1/8 (every column where the
-// student is close to the teacher; almost none on unrelated rows).
+// jsd_small_term only for the vectors that have a column with |d| < kJsdSeries (every column
+// where the student is close to the teacher; few on unrelated rows).
 #pragma once
 #include <immintrin.h>
 
@@ -31,29 +31,32 @@ inline __m512 log1p_unit16(__m512 x) {
   return _mm512_mask_add_ps(lg, big, lg, _mm512_set1_ps(0.693147180559945309f));
 }
 
-// jsd_small_term on 16 lanes.
+// Horner's rule on 16 lanes: coefficients from the highest power down.
+template <size_t N>
+inline __m512 horner16(__m512 x, const float (&coef)[N]) {
+  __m512 r = _mm512_set1_ps(coef[0]);
+  for (size_t i = 1; i < N; ++i) r = _mm512_fmadd_ps(r, x, _mm512_set1_ps(coef[i]));
+  return r;
+}
+
+// jsd_small_term (and its expm1_half) on 16 lanes.
 inline __m512 jsd_small_term16(__m512 ps, __m512 pt, __m512 d, const DivConsts& c) {
-  using namespace simd16;
+  static constexpr float kExpm1[] = {1.0f / 40320.0f, 1.0f / 5040.0f, 1.0f / 720.0f,
+                                     1.0f / 120.0f,   1.0f / 24.0f,   1.0f / 6.0f,
+                                     0.5f,            1.0f};
+  static constexpr float kG[] = {1.0f / 45360.0f, 1.0f / 5760.0f, 1.0f / 840.0f,
+                                 1.0f / 144.0f,   1.0f / 30.0f,   1.0f / 8.0f,
+                                 1.0f / 3.0f,     0.5f};
+  static constexpr float kH[] = {1.0f / 132.0f, -1.0f / 110.0f, 1.0f / 90.0f, -1.0f / 72.0f,
+                                 1.0f / 56.0f,  -1.0f / 42.0f,  1.0f / 30.0f, -1.0f / 20.0f,
+                                 1.0f / 12.0f,  -1.0f / 6.0f,   0.5f};
   const bool lo = c.beta <= 0.5f;
   const __m512 a = _mm512_set1_ps(lo ? c.beta : c.one_minus_beta);
   const __m512 p = lo ? ps : pt;
   const __m512 x = lo ? d : _mm512_sub_ps(_mm512_setzero_ps(), d);
-  __m512 g = _mm512_set1_ps(1.0f / 5760.0f);
-  g = _mm512_fmadd_ps(g, x, _mm512_set1_ps(1.0f / 840.0f));
-  g = _mm512_fmadd_ps(g, x, _mm512_set1_ps(1.0f / 144.0f));
-  g = _mm512_fmadd_ps(g, x, _mm512_set1_ps(1.0f / 30.0f));
-  g = _mm512_fmadd_ps(g, x, _mm512_set1_ps(1.0f / 8.0f));
-  g = _mm512_fmadd_ps(g, x, _mm512_set1_ps(1.0f / 3.0f));
-  g = _mm512_fmadd_ps(g, x, _mm512_set1_ps(0.5f));
-  const __m512 u = _mm512_mul_ps(a, _mm512_fmadd_ps(v_times_q(x), x, x));
-  __m512 h = _mm512_set1_ps(-1.0f / 72.0f);
-  h = _mm512_fmadd_ps(h, u, _mm512_set1_ps(1.0f / 56.0f));
-  h = _mm512_fmadd_ps(h, u, _mm512_set1_ps(-1.0f / 42.0f));
-  h = _mm512_fmadd_ps(h, u, _mm512_set1_ps(1.0f / 30.0f));
-  h = _mm512_fmadd_ps(h, u, _mm512_set1_ps(-1.0f / 20.0f));
-  h = _mm512_fmadd_ps(h, u, _mm512_set1_ps(1.0f / 12.0f));
-  h = _mm512_fmadd_ps(h, u, _mm512_set1_ps(-1.0f / 6.0f));
-  h = _mm512_fmadd_ps(h, u, _mm512_set1_ps(0.5f));
+  const __m512 g = horner16(x, kG);
+  const __m512 u = _mm512_mul_ps(a, _mm512_mul_ps(horner16(x, kExpm1), x));
+  const __m512 h = horner16(u, kH);
   const __m512 ag = _mm512_mul_ps(a, _mm512_mul_ps(g, _mm512_mul_ps(x, x)));
   return _mm512_mul_ps(p, _mm512_fnmadd_ps(h, _mm512_mul_ps(u, u), ag));
 }
@@ -166,7 +169,7 @@ inline void jsd_pass3_avx512(const float* e_s, float* e_t, const float* e_u, int
   const __m512 zero = _mm512_setzero_ps(), sign = _mm512_set1_ps(-0.0f);
   const __m512 v_inv_zs = _mm512_set1_ps(inv_zs), v_inv_zt = _mm512_set1_ps(inv_zt);
   // p_t beta / (1 - beta): its ratio to p_s is e^z
-  const __m512 v_inv_zt_lp = _mm512_set1_ps(inv_zt * (c.beta / c.one_minus_beta));
+  const __m512 v_inv_zt_lp = _mm512_set1_ps(static_cast<float>(inv_zt * (c.beta_d / c.omb_d)));
   const __m512 v_delta = _mm512_set1_ps(delta), v_u_ref = _mm512_set1_ps(u_ref);
   const __m512 beta = _mm512_set1_ps(c.beta), omb = _mm512_set1_ps(c.one_minus_beta);
   const __m512 neg_omb = _mm512_set1_ps(-c.one_minus_beta), log_lp = _mm512_set1_ps(c.log_lp);
@@ -207,7 +210,7 @@ inline void jsd_pass3_avx512(const float* e_s, float* e_t, const float* e_u, int
     const __m512 from_s = _mm512_maskz_mul_ps(ps_pos, ps, ell_s);
     __m512 term = _mm512_xor_ps(_mm512_fmadd_ps(beta, from_t, _mm512_mul_ps(omb, from_s)), sign);
     const __mmask16 near_t = _mm512_mask_cmp_ps_mask(
-        m, _mm512_abs_ps(d), _mm512_set1_ps(0.125f), _CMP_LT_OQ);
+        m, _mm512_abs_ps(d), _mm512_set1_ps(kJsdSeries), _CMP_LT_OQ);
     if (near_t) term = _mm512_mask_mov_ps(term, near_t, jsd_small_term16(ps, pt, d, c));
     term = _mm512_mask_mov_ps(term, _mm512_cmp_ps_mask(term, zero, _CMP_LT_OQ), zero);
     const __m512 dq = _mm512_maskz_mul_ps(ps_pos, neg_omb, lam);

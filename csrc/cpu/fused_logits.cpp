@@ -307,9 +307,9 @@ int64_t first_max_column(const S* s, int64_t V, float max_s, float scale, int64_
 // JSD's fast pass 3: the row's constants (jsd_fast_pass3 adds the reference column's parts).
 inline JsdFastRow jsd_fast_row(const DivConsts& c, float inv_zs, double zt_d, float delta,
                                int64_t ref) {
-  const double log_lp = std::log(double{c.beta}) - std::log(double{c.one_minus_beta});
+  const double log_lp = std::log(c.beta_d) - std::log(c.omb_d);
   return JsdFastRow{inv_zs,
-                    static_cast<float>(c.beta / (zt_d * c.one_minus_beta)),
+                    static_cast<float>(c.beta_d / (zt_d * c.omb_d)),
                     delta,
                     static_cast<float>(double{delta} + log_lp),
                     0.0f,
