@@ -55,13 +55,13 @@ __device__ __forceinline__ DivTerm reverse_kl_term(float ps, float pt, float v, 
 }
 
 // log(M / p_s) and log(M / p_t) for M = beta p_t + (1 - beta) p_s, from v alone (as
-// jsd_log_ratios in csrc/cpu/divergences.h): nothing underflows where both log-probabilities lie
-// far below -104 (p_s and p_t are 0 in fp32 there), and both are exact 0 at v = 0. With
-// x = -|d| <= 0 the ratio on the side of the larger probability is log((1 - a) + a e^x)
-// = log1p(a expm1(x)) (a = the weight of the smaller side). 1 - a is implied, never the other
-// weight as passed: beta and 1 - beta, each rounded to fp32, sum to 1 only within ~3e-8, and
-// every column's ratios must describe the same M (a shift common to both ratios moves the loss
-// by that shift times the mass). The other side's ratio differs by d.
+// _jsd_log_ratios in fastdistill/triton/divergences.py): nothing underflows where both
+// log-probabilities lie far below -104 (p_s and p_t are 0 in fp32 there), and both are exact 0
+// at v = 0. With x = -|d| <= 0 the ratio on the side of the larger probability is
+// log((1 - a) + a e^x) = log1p(a expm1(x)) (a = the weight of the smaller side). 1 - a is
+// implied, never the other weight as passed: beta and 1 - beta, each rounded to fp32, sum to 1
+// only within ~3e-8, and every column's ratios must describe the same M (a shift common to both
+// ratios moves the loss by that shift times the mass). The other side's ratio differs by d.
 __device__ __forceinline__ void jsd_log_ratios(float v, float beta, float omb, float& rho_s,
                                                float& rho_t) {
   const bool student_larger = v >= 0.0f;  // d <= 0; false for NaN, which then propagates
