@@ -97,18 +97,26 @@ inline float log1p_unit(float x) {
 // at beta = 0.9 and such errors are 1e-6 of it.
 constexpr float kJsdSeries = 0.5f;
 
-// e^x - 1 for |x| <= 1/2: its Taylor series to x^8 (truncation 1.1e-8 relative).
-inline float expm1_half(float x) {
-  float e = 1.0f / 40320.0f;
-  e = e * x + 1.0f / 5040.0f;
-  e = e * x + 1.0f / 720.0f;
-  e = e * x + 1.0f / 120.0f;
-  e = e * x + 1.0f / 24.0f;
-  e = e * x + 1.0f / 6.0f;
-  e = e * x + 0.5f;
-  e = e * x + 1.0f;
-  return e * x;
+// Horner's rule: coefficients from the highest power down (divergences_avx512.h has the 16-lane
+// twin, horner16, over the same tables).
+template <size_t N>
+inline float horner(float x, const float (&coef)[N]) {
+  float r = coef[0];
+  for (size_t i = 1; i < N; ++i) r = r * x + coef[i];
+  return r;
 }
+
+// The series of jsd_small_term, highest power first: e^x - 1 over x to x^8 (truncation 1.1e-8
+// relative at |x| = 1/2), g(x) / x^2 to n = 9 and h(u) / u^2 to k = 12 (see jsd_small_term).
+constexpr float kExpm1Half[] = {1.0f / 40320.0f, 1.0f / 5040.0f, 1.0f / 720.0f,
+                                1.0f / 120.0f,   1.0f / 24.0f,   1.0f / 6.0f,
+                                0.5f,            1.0f};
+constexpr float kJsdG[] = {1.0f / 45360.0f, 1.0f / 5760.0f, 1.0f / 840.0f,
+                           1.0f / 144.0f,   1.0f / 30.0f,   1.0f / 8.0f,
+                           1.0f / 3.0f,     0.5f};
+constexpr float kJsdH[] = {1.0f / 132.0f, -1.0f / 110.0f, 1.0f / 90.0f, -1.0f / 72.0f,
+                           1.0f / 56.0f,  -1.0f / 42.0f,  1.0f / 30.0f, -1.0f / 20.0f,
+                           1.0f / 12.0f,  -1.0f / 6.0f,   0.5f};
 
 // The JSD term for |d| < kJsdSeries. With p = p_s, a = beta, x = d (or p_t, 1 - beta and -d when
 // beta > 1/2: the term is symmetric under that swap, and the smaller weight keeps the remaining
@@ -122,26 +130,9 @@ inline float jsd_small_term(float ps, float pt, float d, const DivConsts& c) {
   const float a = lo ? c.beta : c.one_minus_beta;
   const float p = lo ? ps : pt;
   const float x = lo ? d : -d;
-  float g = 1.0f / 45360.0f;
-  g = g * x + 1.0f / 5760.0f;
-  g = g * x + 1.0f / 840.0f;
-  g = g * x + 1.0f / 144.0f;
-  g = g * x + 1.0f / 30.0f;
-  g = g * x + 1.0f / 8.0f;
-  g = g * x + 1.0f / 3.0f;
-  g = g * x + 0.5f;
-  const float u = a * expm1_half(x);
-  float h = 1.0f / 132.0f;
-  h = h * u - 1.0f / 110.0f;
-  h = h * u + 1.0f / 90.0f;
-  h = h * u - 1.0f / 72.0f;
-  h = h * u + 1.0f / 56.0f;
-  h = h * u - 1.0f / 42.0f;
-  h = h * u + 1.0f / 30.0f;
-  h = h * u - 1.0f / 20.0f;
-  h = h * u + 1.0f / 12.0f;
-  h = h * u - 1.0f / 6.0f;
-  h = h * u + 0.5f;
+  const float g = horner(x, kJsdG);
+  const float u = a * (horner(x, kExpm1Half) * x);
+  const float h = horner(u, kJsdH);
   return p * (a * g * (x * x) - h * (u * u));
 }
 
@@ -177,19 +168,12 @@ inline DivTerm jsd_term(float ps, float pt, float d, float dd, const DivConsts& 
 
 // log1p(w) for w in [0, 1] as w times a degree-9 polynomial (least absolute error, fitted in
 // double): absolute error 1.1e-7, relative 2.0e-7 (measured in fp32 over 2e6 points). No division.
-inline float log1p_01(float w) {
-  float p = -2.435116097331047e-3f;
-  p = p * w + 1.5937700867652893e-2f;
-  p = p * w - 4.8956386744976044e-2f;
-  p = p * w + 9.704115986824036e-2f;
-  p = p * w - 1.4700457453727722e-1f;
-  p = p * w + 1.9427339732646942e-1f;
-  p = p * w - 2.4893172085285187e-1f;
-  p = p * w + 3.3321642875671387e-1f;
-  p = p * w - 4.9999359250068665e-1f;
-  p = p * w + 9.999998807907104e-1f;
-  return p * w;
-}
+constexpr float kLog1p01[] = {-2.435116097331047e-3f, 1.5937700867652893e-2f,
+                              -4.8956386744976044e-2f, 9.704115986824036e-2f,
+                              -1.4700457453727722e-1f, 1.9427339732646942e-1f,
+                              -2.4893172085285187e-1f, 3.3321642875671387e-1f,
+                              -4.9999359250068665e-1f, 9.999998807907104e-1f};
+inline float log1p_01(float w) { return horner(w, kLog1p01) * w; }
 
 // JSD's fast pass 3 over a row: what every column needs. q is measured from the reference
 // column ref (as jsd_term's), from its softplus parts: z_ref > 0 (pos_ref), -max(z_ref, 0) and

@@ -31,7 +31,7 @@ inline __m512 log1p_unit16(__m512 x) {
   return _mm512_mask_add_ps(lg, big, lg, _mm512_set1_ps(0.693147180559945309f));
 }
 
-// Horner's rule on 16 lanes: coefficients from the highest power down.
+// horner (divergences.h) on 16 lanes.
 template <size_t N>
 inline __m512 horner16(__m512 x, const float (&coef)[N]) {
   __m512 r = _mm512_set1_ps(coef[0]);
@@ -39,42 +39,21 @@ inline __m512 horner16(__m512 x, const float (&coef)[N]) {
   return r;
 }
 
-// jsd_small_term (and its expm1_half) on 16 lanes.
+// jsd_small_term on 16 lanes.
 inline __m512 jsd_small_term16(__m512 ps, __m512 pt, __m512 d, const DivConsts& c) {
-  static constexpr float kExpm1[] = {1.0f / 40320.0f, 1.0f / 5040.0f, 1.0f / 720.0f,
-                                     1.0f / 120.0f,   1.0f / 24.0f,   1.0f / 6.0f,
-                                     0.5f,            1.0f};
-  static constexpr float kG[] = {1.0f / 45360.0f, 1.0f / 5760.0f, 1.0f / 840.0f,
-                                 1.0f / 144.0f,   1.0f / 30.0f,   1.0f / 8.0f,
-                                 1.0f / 3.0f,     0.5f};
-  static constexpr float kH[] = {1.0f / 132.0f, -1.0f / 110.0f, 1.0f / 90.0f, -1.0f / 72.0f,
-                                 1.0f / 56.0f,  -1.0f / 42.0f,  1.0f / 30.0f, -1.0f / 20.0f,
-                                 1.0f / 12.0f,  -1.0f / 6.0f,   0.5f};
   const bool lo = c.beta <= 0.5f;
   const __m512 a = _mm512_set1_ps(lo ? c.beta : c.one_minus_beta);
   const __m512 p = lo ? ps : pt;
   const __m512 x = lo ? d : _mm512_sub_ps(_mm512_setzero_ps(), d);
-  const __m512 g = horner16(x, kG);
-  const __m512 u = _mm512_mul_ps(a, _mm512_mul_ps(horner16(x, kExpm1), x));
-  const __m512 h = horner16(u, kH);
+  const __m512 g = horner16(x, kJsdG);
+  const __m512 u = _mm512_mul_ps(a, _mm512_mul_ps(horner16(x, kExpm1Half), x));
+  const __m512 h = horner16(u, kJsdH);
   const __m512 ag = _mm512_mul_ps(a, _mm512_mul_ps(g, _mm512_mul_ps(x, x)));
   return _mm512_mul_ps(p, _mm512_fnmadd_ps(h, _mm512_mul_ps(u, u), ag));
 }
 
 // log1p_01 (divergences.h) on 16 lanes.
-inline __m512 log1p_01_16(__m512 w) {
-  __m512 p = _mm512_set1_ps(-2.435116097331047e-3f);
-  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(1.5937700867652893e-2f));
-  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(-4.8956386744976044e-2f));
-  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(9.704115986824036e-2f));
-  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(-1.4700457453727722e-1f));
-  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(1.9427339732646942e-1f));
-  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(-2.4893172085285187e-1f));
-  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(3.3321642875671387e-1f));
-  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(-4.9999359250068665e-1f));
-  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(9.999998807907104e-1f));
-  return _mm512_mul_ps(p, w);
-}
+inline __m512 log1p_01_16(__m512 w) { return _mm512_mul_ps(horner16(w, kLog1p01), w); }
 
 // jsd_fast_sp on 16 lanes: e^-|z| as the ratio of p_s and pl by a reciprocal estimate and one
 // Newton step (as jsd_pass3_avx512), then log1p_01.
